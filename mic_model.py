@@ -393,9 +393,9 @@ class EncoderDecoder(nn.Module):
             out['logits'] = logits
         return out
 
-    def extract_fd_features(self, img):
-        """Encoder features the ImageNet feature distance compares (the whole image)."""
-        return self.backbone(img)
+    def fd_view(self, img):
+        """The input whose encoder features the ImageNet feature distance compares (the whole image)."""
+        return img
 
     @torch.no_grad()
     def inference(self, img, out_size=None):
@@ -561,9 +561,9 @@ class HRDAEncoderDecoder(EncoderDecoder):
         out['hr_crop_box'] = box
         return out
 
-    def extract_fd_features(self, img):
-        """Encoder features the ImageNet feature distance compares (the context view)."""
-        return self.backbone(self.context_view(img))
+    def fd_view(self, img):
+        """The input whose encoder features the ImageNet feature distance compares (the context view)."""
+        return self.context_view(img)
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,571 @@
+"""Evaluate MIC models: mIoU on a labelled split, colour predictions, test-set exports for the
+benchmark servers, and predictions on any folder of images.
+
+    python mic_eval.py --ckpt work_dirs/gta2cs/latest.pth
+        evaluates a finished run with the config stored in its checkpoint, on data.val (Cityscapes
+        val): prints the per-class IoU table and the mIoU, writes work_dirs/gta2cs/metrics.json and
+        colour predictions work_dirs/gta2cs/preds/<image stem>.png (Cityscapes palette, original size)
+    python mic_eval.py --ckpt mic_hrda_gta2cs.pth --cfg configs/gta2cs.yaml --data-root data/cityscapes
+        a released MIC checkpoint (it holds no config: --cfg is required); outputs beside the checkpoint
+    python mic_eval.py --ckpt work_dirs/synthia2cs_mic_hrda/latest.pth
+        Synthia -> Cityscapes: also prints and stores mIoU16 (the 16 Synthia classes)
+    python mic_eval.py --ckpt work_dirs/cs2acdc_mic_hrda/latest.pth --split test --format trainids
+        ACDC / Dark Zurich test set: OUT/labelTrainIds/<image stem>.png, 8-bit train ids 0..18 and
+        nothing else; zip that folder's files and upload them to the benchmark server
+    python mic_eval.py --ckpt work_dirs/gta2cs/latest.pth --split test --format labelids
+        Cityscapes test set: OUT/labelIds/<city>_<seq>_<frame>_leftImg8bit.png, 8-bit Cityscapes label
+        ids (cityscapesscripts' evalPixelLevelSemanticLabeling accepts the folder as it is)
+    python mic_eval.py --ckpt work_dirs/gta2cs/latest.pth --images photos/ --out photos_pred/
+        any folder of images (png/jpg/bmp, any size): OUT/<stem>_pred.png (colour prediction) and
+        OUT/<stem>_overlay.png (prediction blended over the image); no labels needed
+    torchrun --standalone --nproc_per_node=4 mic_eval.py --ckpt work_dirs/gta2cs/latest.pth
+        the same on 4 GPUs: rank r evaluates images r, r+4, ...; the confusion matrices are summed
+    python mic_eval.py --ckpt ... --amp bf16 --opt model.test.stride=[768,768]
+        bf16 autocast, and any config override (`--opt key.sub=value`, YAML values)
+
+--out defaults to the checkpoint's folder (for --images: <checkpoint folder>/pred_<images folder name>).
+metrics.json (written atomically, only after the whole split was evaluated) holds mIoU, the
+per-class IoU (null for classes absent from both labels and predictions), aAcc and mIoU16, all in
+percent, and num_images, num_pixels, checkpoint, config, split, dataset_type, dataset_root.
+
+Library use (mic_train.py's periodic evaluation):
+
+    metrics = evaluate(model, cfg.data.val, num_classes=19, amp='bf16', synthia16=False)
+    metrics['mIoU'], metrics['IoU']['road']
+
+evaluate() evaluates the whole split in this process, unless a torch.distributed process group
+is initialised: then it is called on EVERY rank, each rank evaluates its share and all ranks get
+the summed result. A caller that runs it on rank 0 only passes distributed=False.
+"""
+import argparse
+import collections
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import mic_config
+import mic_data
+import mic_model
+from mic_config import ConfigError
+from mic_data import CLASSES, IGNORE_INDEX, SYNTHIA_CLASSES, DataError
+from mic_model import CheckpointError
+
+EXPORT_FOLDERS = {'trainids': 'labelTrainIds', 'labelids': 'labelIds'}  # --format -> folder under OUT
+OVERLAY_ALPHA = 0.5  # weight of the colour prediction in --images overlays
+
+
+class EvalError(Exception):
+    """A usage error of mic_eval (wrong combination of arguments); the message says what to do."""
+
+
+# --------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------
+
+def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
+    """[K*K] int64 counts of (label, pred) pairs over the pixels whose label is not ignored.
+
+    pred, label: integer tensors of the same shape on the same device; entry label * K + pred.
+    Uses scatter_add (no host synchronisation, unlike bincount on CUDA).
+    """
+    K = num_classes
+    valid = label != ignore_index
+    index = torch.where(valid, label.long() * K + pred.long(), K * K)  # ignored pixels -> an extra bin
+    counts = torch.zeros(K * K + 1, dtype=torch.int64, device=pred.device)
+    counts.scatter_add_(0, index.flatten(), torch.ones_like(index.flatten()))
+    return counts[:K * K]
+
+
+def _nan_to_none(x):
+    x = float(x)
+    return None if x != x else x
+
+
+def compute_metrics(conf_matrix, class_names=None, synthia16=False):
+    """Benchmark metrics of a confusion matrix accumulated over a whole split.
+
+    conf_matrix: [K,K] counts (tensor or array), rows = label, columns = prediction, ignored
+        pixels already excluded.
+    IoU_c = TP / (TP + FP + FN); classes with an empty union (neither in the labels nor predicted)
+    are excluded from the mean (None), a class only predicted scores 0. mIoU = mean over the
+    others, aAcc = correct / labelled pixels, mIoU16 (synthia16) = mean over SYNTHIA_CLASSES.
+    Returns {'mIoU', 'IoU': {name: IoU}, 'aAcc', ['mIoU16'], 'num_pixels'}: percent, None for NaN.
+    """
+    if torch.is_tensor(conf_matrix):
+        conf = conf_matrix.detach().cpu().double()
+    else:
+        conf = torch.as_tensor(np.asarray(conf_matrix), dtype=torch.float64)
+    K = conf.shape[0]
+    if conf.shape != (K, K):
+        raise ValueError(f'the confusion matrix must be square, got {tuple(conf.shape)}')
+    if class_names is None:
+        class_names = CLASSES if K == len(CLASSES) else [str(c) for c in range(K)]
+    if len(class_names) != K:
+        raise ValueError(f'{len(class_names)} class names for a {K}x{K} confusion matrix')
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = tp / union  # NaN where the union is empty (0 / 0)
+    total = conf.sum()
+    out = {
+        'mIoU': _nan_to_none(iou.nanmean() * 100),
+        'IoU': {name: _nan_to_none(v * 100) for name, v in zip(class_names, iou)},
+        'aAcc': _nan_to_none(tp.sum() / total * 100) if total > 0 else None,
+    }
+    if synthia16:
+        if K != len(CLASSES):
+            raise ValueError('mIoU16 needs the 19 Cityscapes classes')
+        out['mIoU16'] = _nan_to_none(iou[list(SYNTHIA_CLASSES)].nanmean() * 100)
+    out['num_pixels'] = int(total)
+    return out
+
+
+def _fmt(v):
+    return '  n/a' if v is None else f'{v:5.2f}'
+
+
+def format_table(metrics):
+    """Per-class IoU table and the summary line, as printed by the CLI."""
+    width = max(len(n) for n in metrics['IoU'])
+    lines = [f'{"class":<{width}}   IoU (%)', '-' * (width + 10)]
+    lines += [f'{name:<{width}}   {_fmt(v)}' for name, v in metrics['IoU'].items()]
+    lines.append('-' * (width + 10))
+    summary = f'mIoU {_fmt(metrics["mIoU"])}'
+    if 'mIoU16' in metrics:
+        summary += f'   mIoU16 {_fmt(metrics["mIoU16"])} (16 Synthia classes)'
+    summary += f'   aAcc {_fmt(metrics["aAcc"])}   ({metrics.get("num_images", "?")} images)'
+    lines.append(summary)
+    return '\n'.join(lines)
+
+
+# --------------------------------------------------------------------------
+# Inputs and outputs
+# --------------------------------------------------------------------------
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Any images (png/jpg/bmp, RGB, grayscale or RGBA) with the test transform of EvalDataset:
+    resize keeping the ratio to fit img_scale, normalise. Items like EvalDataset's, label None."""
+
+    def __init__(self, folder, img_scale):
+        self.samples = [(p, None) for p in mic_data.list_images(folder)]
+        self.img_scale = img_scale
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path = self.samples[i][0]
+        img = mic_data.read_image(path)
+        h0, w0 = img.shape[:2]
+        img = mic_data.resize_image(img, mic_data.rescale_size(h0, w0, self.img_scale))
+        return {'img': mic_data.normalize(img), 'label': None, 'ori_size': (h0, w0),
+                'img_path': path, 'label_path': None}
+
+
+class _CheckedItems(torch.utils.data.Dataset):
+    """The items of `dataset` at `indices`, label values checked; data errors come back as values,
+    so that a DataLoader worker's error reaches the user as one clean message."""
+
+    def __init__(self, dataset, indices, num_classes):
+        self.dataset, self.indices, self.num_classes = dataset, list(indices), num_classes
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        try:
+            item = self.dataset[self.indices[i]]
+            label = item['label']
+            if label is not None:
+                bad = (label >= self.num_classes) & (label != IGNORE_INDEX)
+                if bool(bad.any()):
+                    raise DataError(f'label {item["label_path"]} holds values {sorted(set(label[bad].tolist()))[:8]} '
+                                    f'outside the train ids 0..{self.num_classes - 1} and {IGNORE_INDEX} (ignore); '
+                                    f'labels must be converted to train ids (python convert_labels.py)')
+            return item
+        except DataError as e:
+            return {'error': str(e)}
+
+
+def output_names(paths, suffix='.png'):
+    """Output file names: image stem + suffix; DataError if two images would share one."""
+    names = [os.path.splitext(os.path.basename(p))[0] + suffix for p in paths]
+    seen = {}
+    for p, n in zip(paths, names):
+        if n in seen:
+            raise DataError(f'images {seen[n]} and {p} would both be written as {n}; '
+                            f'rename one of them (outputs are named after the image file)')
+        seen[n] = p
+    return names
+
+
+def _images_names(folder, paths):
+    """--images outputs: relative path under `folder` without extension (the extension is kept
+    where two images differ only in it)."""
+    rel = [os.path.relpath(p, folder) for p in paths]
+    stems = [os.path.splitext(r)[0] for r in rel]
+    count = collections.Counter(stems)
+    return [s if count[s] == 1 else os.path.join(os.path.dirname(r), os.path.basename(r).replace('.', '_'))
+            for s, r in zip(stems, rel)]
+
+
+def _remove_temp_files(folder):
+    """Delete the hidden temporary files an interrupted (killed) run of atomic_write left behind."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if mic_data.is_temp_file(name):
+                os.unlink(os.path.join(folder, name))
+
+
+def _check_export_folder(folder, names):
+    """The export folder must end up holding one PNG per image and nothing else."""
+    if not os.path.isdir(folder):
+        return
+    expected = set(names)
+    other = sorted(n for n in os.listdir(folder) if n not in expected and not mic_data.is_temp_file(n))
+    if other:
+        raise EvalError(f'the export folder {folder} already holds {len(other)} other file(s) '
+                        f'({", ".join(other[:3])}{", ..." if len(other) > 3 else ""}); benchmark servers '
+                        f'want exactly one PNG per test image: remove the folder or choose another --out')
+
+
+class _Writer:
+    """Writes PNGs on background threads while the model works; errors surface at close()."""
+
+    def __init__(self, threads=2, max_pending=16):
+        self.pool = ThreadPoolExecutor(threads)
+        self.pending = collections.deque()
+        self.max_pending = max_pending
+
+    def submit(self, fn, *args):
+        self.pending.append(self.pool.submit(fn, *args))
+        while len(self.pending) > self.max_pending:
+            self.pending.popleft().result()
+
+    def close(self):
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _train_id_to_label_id_lut():
+    lut = np.zeros(256, np.uint8)  # ids the model cannot predict -> 0 'unlabeled'
+    for train_id, cs_id in mic_data.TRAIN_ID_TO_CS_ID.items():
+        lut[train_id] = cs_id
+    return lut
+
+
+def _save_outputs(pred, path_color, path_export, export_format, img_path, path_overlay):
+    """pred uint8 [H,W] train ids -> the requested PNGs (each written atomically)."""
+    if path_color is not None:
+        color = mic_data.colorize(pred)
+        mic_data.save_png(path_color, color)
+        if path_overlay is not None:
+            img = mic_data.read_image(img_path).astype(np.float32)
+            blend = (1 - OVERLAY_ALPHA) * img + OVERLAY_ALPHA * color.astype(np.float32)
+            mic_data.save_png(path_overlay, np.clip(np.rint(blend), 0, 255).astype(np.uint8))
+    if path_export is not None:
+        out = _train_id_to_label_id_lut()[pred] if export_format == 'labelids' else pred
+        mic_data.save_png(path_export, out, mode='L')
+
+
+# --------------------------------------------------------------------------
+# The evaluation loop
+# --------------------------------------------------------------------------
+
+def _dist_rank_world(distributed):
+    initialised = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        distributed = initialised and dist.get_world_size() > 1
+    if distributed and not initialised:
+        raise RuntimeError('evaluate(distributed=True) needs an initialised torch.distributed process group')
+    return (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+
+
+@torch.no_grad()
+def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_dir=None, export_dir=None,
+                  export_format='trainids', names=None, overlay_names=None, progress=True, distributed=None,
+                  num_workers=2, desc='eval'):
+    """Predict every image of `dataset` (EvalDataset-like items), accumulate the confusion matrix
+    of the labelled ones and write the requested PNGs.
+
+    pred_dir: colour predictions pred_dir/names[i]; export_dir: train-id or label-id PNGs
+    export_dir/names[i] (export_format); overlay_names: also the prediction blended over the image,
+    pred_dir/overlay_names[i]. names default to the image stem + '.png'.
+    Returns (conf [K,K] int64 on `device`, num_images, num_labelled), summed over ranks.
+    """
+    net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    if amp not in ('none', 'bf16', 'fp16'):
+        raise ValueError(f'amp must be none, bf16 or fp16, got {amp!r}')
+    rank, world = _dist_rank_world(distributed)
+    if world > 1:  # rank 0's output folders count (a caller may pass them on rank 0 only)
+        folders = [pred_dir, export_dir]
+        dist.broadcast_object_list(folders, src=0)
+        pred_dir, export_dir = folders
+    K = num_classes
+    paths = [s[0] for s in dataset.samples]
+    if names is None and (pred_dir or export_dir):
+        names = output_names(paths)
+    for folder in (pred_dir, export_dir):
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            if rank == 0:
+                _remove_temp_files(folder)
+    if export_dir:
+        _check_export_folder(export_dir, names)
+    if world > 1:
+        dist.barrier()  # no rank writes before rank 0 has cleaned the output folders
+
+    loader = torch.utils.data.DataLoader(
+        _CheckedItems(dataset, range(rank, len(dataset), world), K), batch_size=1, shuffle=False,
+        num_workers=num_workers, collate_fn=mic_data.eval_collate)
+    conf = torch.zeros(K * K, dtype=torch.int64, device=device)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # images, labelled images
+    writer = _Writer() if (pred_dir or export_dir) else None
+    was_training = net.training
+    net.eval()
+    try:
+        for j, item in enumerate(tqdm(loader, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)):
+            if 'error' in item:
+                raise DataError(item['error'])
+            img = item['img'].to(device, non_blocking=True)[None]
+            with torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16,
+                                enabled=amp != 'none'):
+                logits = net.inference(img, out_size=item['ori_size'])
+            pred = logits[0].float().argmax(0)  # [H0,W0] int64 train ids
+            counts[0] += 1
+            if item['label'] is not None:
+                conf += confusion_matrix(pred, item['label'].to(device, non_blocking=True), K)
+                counts[1] += 1
+            if writer is not None:
+                i = rank + j * world
+                pred_np = pred.to(torch.uint8).cpu().numpy()
+                writer.submit(_save_outputs, pred_np,
+                              os.path.join(pred_dir, names[i]) if pred_dir else None,
+                              os.path.join(export_dir, names[i]) if export_dir else None, export_format,
+                              item['img_path'],
+                              os.path.join(pred_dir, overlay_names[i]) if overlay_names and pred_dir else None)
+    finally:
+        if writer is not None:
+            writer.close()
+        net.train(was_training)
+    if world > 1:
+        dist.all_reduce(conf)
+        dist.all_reduce(counts)
+    n_images, n_labelled = counts.tolist()
+    return conf.view(K, K), n_images, n_labelled
+
+
+def evaluate(model, ds_cfg, num_classes=19, device=None, amp='none', pred_dir=None, progress=True,
+             synthia16=False, distributed=None, num_workers=2, export_dir=None, export_format='trainids',
+             need_labels=True):
+    """mIoU of `model` (built and loaded) on the dataset `ds_cfg` (e.g. cfg.data.val).
+
+    Switches the model to eval mode and restores its previous mode. Writes nothing unless
+    pred_dir (colour predictions <image stem>.png) or export_dir (train-id / label-id PNGs for
+    the benchmark servers, export_format 'trainids' or 'labelids') is given.
+    amp: 'none', 'bf16' or 'fp16' autocast around inference.
+    distributed: None = auto (shard over the ranks and sum when a process group with more than
+        one rank is initialised: call it on every rank); False = this process evaluates everything
+        (e.g. called on rank 0 only); True = shard (the group must be initialised). When sharded,
+        rank 0's pred_dir / export_dir apply to all ranks (each writes its own images' files).
+    need_labels: False evaluates images without labels too (test split): metrics are computed
+        only when every image has a label and some pixel is labelled.
+    Returns {'mIoU', 'IoU', 'aAcc', ['mIoU16'], 'num_pixels', 'num_images'} (percent; see
+    compute_metrics), the same on every rank; without labels only {'num_images': n}.
+    """
+    dataset = mic_data.EvalDataset(ds_cfg, need_labels=need_labels)
+    conf, n_images, n_labelled = run_inference(
+        model, dataset, num_classes, device, amp, pred_dir=pred_dir, export_dir=export_dir,
+        export_format=export_format, progress=progress, distributed=distributed, num_workers=num_workers)
+    if n_labelled == 0 or n_labelled < n_images or int(conf.sum()) == 0:
+        if n_labelled and _dist_rank_world(distributed)[0] == 0:
+            print(f'warning: {n_labelled} of {n_images} images have labels, {int(conf.sum())} labelled pixels: '
+                  f'no metrics computed')
+        return {'num_images': n_images}
+    metrics = compute_metrics(conf, CLASSES if num_classes == len(CLASSES) else None, synthia16)
+    metrics['num_images'] = n_images
+    return metrics
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+def read_stored_config(path):
+    """The config stored in one of our checkpoints, or None (released checkpoints hold none)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    try:  # mmap: only the small config is read, not the weights
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:
+        try:
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f'could not read checkpoint {path}: {e}') from None
+    config = ckpt.get('config') if isinstance(ckpt, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def _nest(key, value):
+    out = value
+    for part in reversed(key.split('.')):
+        out = {part: out}
+    return out
+
+
+def resolve_config(ckpt_path, cfg_path=None, overrides=(), data_root=None, split=None):
+    """(config, description): --cfg, else the checkpoint's stored config; then --opt, --data-root, --split."""
+    stored = read_stored_config(ckpt_path)
+    if cfg_path is not None:
+        cfg, source = mic_config.load_config(cfg_path), cfg_path
+    elif stored is not None:
+        cfg, source = mic_config.merge(mic_config.defaults(), stored), f'stored in {ckpt_path}'
+    else:
+        raise EvalError(f'checkpoint {ckpt_path} holds no config (a released MIC checkpoint?): pass the config '
+                        f'it was trained with, e.g. --cfg configs/gta2cs.yaml (GTA->Cityscapes), '
+                        f'configs/synthia2cs.yaml, configs/cs2acdc.yaml or configs/cs2darkzurich.yaml')
+    for text in overrides:
+        key, value = mic_config.parse_override(text)
+        cfg = mic_config.merge(cfg, _nest(key, value))
+    if data_root is not None:
+        cfg = mic_config.merge(cfg, {'data': {'val': {'root': data_root}}})
+    if split is not None:
+        cfg = mic_config.merge(cfg, {'data': {'val': {'split': split}}})
+    return cfg, source
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Evaluate a MIC checkpoint: mIoU and colour predictions on a labelled split, '
+                    'test-set exports for the benchmark servers, predictions on any folder of images.',
+        epilog='examples:\n'
+               '  python mic_eval.py --ckpt work_dirs/gta2cs/latest.pth\n'
+               '  python mic_eval.py --ckpt mic_gta2cs.pth --cfg configs/gta2cs.yaml --data-root data/cityscapes\n'
+               '  python mic_eval.py --ckpt work_dirs/cs2acdc/latest.pth --split test --format trainids\n'
+               '  python mic_eval.py --ckpt work_dirs/gta2cs/latest.pth --split test --format labelids\n'
+               '  python mic_eval.py --ckpt work_dirs/gta2cs/latest.pth --images photos/ --out photos_pred/\n'
+               '  torchrun --standalone --nproc_per_node=4 mic_eval.py --ckpt work_dirs/gta2cs/latest.pth',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--ckpt', required=True,
+                        help='checkpoint: ours (work_dirs/RUN/latest.pth, config inside) or a released MIC one')
+    parser.add_argument('--cfg', default=None,
+                        help='YAML config; required for released checkpoints, replaces the stored config of ours')
+    parser.add_argument('--data-root', default=None, help='dataset folder of the evaluated split (data.val.root)')
+    parser.add_argument('--split', default=None, choices=['val', 'test', 'train'],
+                        help='split to evaluate (data.val.split; default: the config\'s, val); '
+                             'the test split has no labels and needs --format')
+    parser.add_argument('--out', default=None,
+                        help='output folder (default: the checkpoint\'s folder; for --images: '
+                             '<checkpoint folder>/pred_<images folder name>)')
+    parser.add_argument('--format', default=None, choices=list(EXPORT_FOLDERS),
+                        help='also export predictions for a benchmark server: trainids -> OUT/labelTrainIds/ '
+                             '(ACDC, Dark Zurich), labelids -> OUT/labelIds/ (Cityscapes); one PNG per image')
+    parser.add_argument('--images', default=None, metavar='DIR',
+                        help='predict every image under DIR instead of a dataset split: '
+                             'OUT/<name>_pred.png and OUT/<name>_overlay.png')
+    parser.add_argument('--no-preds', action='store_true', help='do not write colour predictions (OUT/preds/)')
+    parser.add_argument('--amp', default='none', choices=['none', 'bf16'], help='autocast precision of inference')
+    parser.add_argument('--opt', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
+                        help='config overrides, e.g. model.test.mode=whole data.num_workers=0')
+    args = parser.parse_args(argv)
+    if args.images and (args.format or args.split or args.data_root):
+        parser.error('--images predicts a folder of images: it takes no --format, --split or --data-root')
+    return args
+
+
+def _setup_distributed():
+    """(rank, world, device, we_initialised) from torchrun's environment variables (nanoGPT style)."""
+    use_cuda = torch.cuda.is_available()
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        device = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
+        if use_cuda:
+            torch.cuda.set_device(device)
+        initialised = False
+        if not dist.is_initialized():
+            dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
+            initialised = True
+        return dist.get_rank(), dist.get_world_size(), device, initialised
+    return 0, 1, torch.device('cuda' if use_cuda else 'cpu'), False
+
+
+def run(args, rank=0, world=1, device=None):
+    """The CLI's work; returns the metrics dict (None when nothing was measured)."""
+    device = device or torch.device('cpu')
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+    cfg, cfg_source = resolve_config(args.ckpt, args.cfg, args.opt, args.data_root, args.split)
+    val = cfg['data']['val']
+    if not args.images and val['split'] == 'test' and not args.format:
+        fmt = 'labelids' if val['type'] == 'cityscapes' else 'trainids'
+        raise EvalError(f'the test split has no labels, so no mIoU can be computed here; export the predictions '
+                        f'for the benchmark server instead:\n  python mic_eval.py --ckpt {args.ckpt} --split test '
+                        f'--format {fmt}' + (f' --cfg {args.cfg}' if args.cfg else ''))
+    ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt))
+
+    model = mic_model.build_model(cfg['model'], load_pretrained=False)
+    mic_model.load_checkpoint(model, args.ckpt)
+    model.to(device).eval()
+    K = cfg['model']['num_classes']
+    num_workers = cfg['data']['num_workers']
+
+    if args.images:
+        folder = args.images.rstrip('/') or '/'
+        out = args.out or os.path.join(ckpt_dir, 'pred_' + os.path.basename(os.path.abspath(folder)))
+        if os.path.commonpath([os.path.abspath(out), os.path.abspath(folder)]) == os.path.abspath(folder):
+            raise EvalError(f'--out {out} lies inside the images folder {folder}; choose another --out')
+        dataset = ImageFolder(folder, val['img_scale'])
+        stems = _images_names(folder, [s[0] for s in dataset.samples])
+        for stem in stems:
+            os.makedirs(os.path.dirname(os.path.join(out, stem)), exist_ok=True)
+        run_inference(model, dataset, K, device, args.amp, pred_dir=out, names=[s + '_pred.png' for s in stems],
+                      overlay_names=[s + '_overlay.png' for s in stems], distributed=world > 1,
+                      num_workers=num_workers, desc='predict')
+        print0(f'wrote colour predictions and overlays of {len(dataset)} images to {out}')
+        return None
+
+    out = args.out or ckpt_dir
+    export_dir = os.path.join(out, EXPORT_FOLDERS[args.format]) if args.format else None
+    metrics = evaluate(model, val, K, device, args.amp, pred_dir=None if args.no_preds else os.path.join(out, 'preds'),
+                       synthia16=cfg['data']['source']['type'] == 'synthia' and K == len(CLASSES),
+                       distributed=world > 1, num_workers=num_workers, export_dir=export_dir,
+                       export_format=args.format or 'trainids', need_labels=not args.format)
+    if 'mIoU' in metrics:
+        metrics.update(checkpoint=os.path.abspath(args.ckpt), config=cfg_source, split=val['split'],
+                       dataset_type=val['type'], dataset_root=os.path.abspath(val['root']))
+        if rank == 0:
+            print(format_table(metrics))
+            os.makedirs(out, exist_ok=True)
+            path = os.path.join(out, 'metrics.json')
+            mic_data.save_json(path, metrics)
+            print(f'wrote {path}')
+    else:
+        print0(f'{val["type"]} {val["split"]} under {val["root"]} is not fully labelled: no metrics computed')
+    if export_dir:
+        print0(f'exported {metrics["num_images"]} {args.format} PNGs for the benchmark server to {export_dir}')
+    if not args.no_preds:
+        print0(f'colour predictions in {os.path.join(out, "preds")}')
+    return metrics if 'mIoU' in metrics else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device, initialised = _setup_distributed()
+    try:
+        return run(args, rank, world, device)
+    except (DataError, CheckpointError, ConfigError, EvalError, FileNotFoundError) as e:
+        sys.exit(f'error: {e}')
+    finally:
+        if initialised:
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

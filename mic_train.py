@@ -1,0 +1,889 @@
+"""Train MIC (masked image consistency) on HRDA / DAFormer with DACS self-training.
+
+    python mic_train.py --cfg configs/demo.yaml          # the demo: generates its data, trains, prints the target mIoU
+    python mic_train.py --cfg configs/gta2cs.yaml        # MIC(HRDA) GTA->Cityscapes on one GPU
+    torchrun --standalone --nproc_per_node=4 mic_train.py --cfg configs/gta2cs.yaml   # 4 GPUs (batch 2 per GPU)
+    python mic_train.py --cfg configs/gta2cs.yaml --resume            # continue from train.work_dir/latest.pth
+    python mic_train.py --cfg configs/gta2cs.yaml --opt train.amp=bf16 model.activation_checkpointing=true
+    python mic_train.py --cfg configs/gta2cs.yaml --benchmark 20      # s/iteration and peak memory, no data needed
+
+The run folder (train.work_dir) receives config.yaml (the resolved config), command.txt,
+log.jsonl (losses, lr, pseudo-label confidence, time, memory; evaluations), debug/ (image
+grids), latest.pth (student, teachers, optimizer, RNG, iteration, config) and, at the end,
+metrics.json and preds/ from the evaluation on data.val.
+
+One iteration (SPEC section 4): EMA teacher update -> source loss (+ ImageNet feature
+distance) -> teacher pseudo-labels on the target -> ClassMix + strong augmentation ->
+mixed loss -> masked-target loss (MIC) -> one AdamW step over all gradients.
+"""
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import mic_data
+import mic_eval
+import mic_model
+from mic_config import ConfigError, dump_yaml, load_config, to_plain  # noqa: F401  (load_config is public API here)
+
+# --------------------------------------------------------------------------
+# Self-training helpers (public: tests and users rely on these names)
+# --------------------------------------------------------------------------
+
+
+def ema_update(teacher, student, iteration, alpha):
+    """Mean teacher: at iteration 0 a copy of the student, then theta_t <- a theta_t + (1 - a) theta_s
+    with a = min(1 - 1 / (iteration + 1), alpha). Parameters only; buffers (BN statistics) are not averaged."""
+    t_params = [p for p in teacher.parameters()]
+    s_params = [p.detach() for p in student.parameters()]
+    with torch.no_grad():
+        if iteration == 0:
+            torch._foreach_copy_(t_params, s_params)
+            return
+        a = min(1 - 1 / (iteration + 1), alpha)
+        torch._foreach_mul_(t_params, a)
+        torch._foreach_add_(t_params, s_params, alpha=1 - a)
+
+
+def pseudo_label_and_weight(logits, threshold, valid_mask=None, ignore_top=0, ignore_bottom=0):
+    """Teacher logits [B,K,H,W] -> (pseudo-label [B,H,W] long, weight [B,H,W] float).
+
+    The weight is one scalar for the whole batch, the share of pixels whose max softmax
+    probability is >= threshold (threshold None: weight 1), times the valid-region mask
+    [B,1,H,W] (pseudo-label margins) and with DAFormer's legacy top/bottom rows zeroed.
+    Computed on the device: no host synchronisation.
+    """
+    prob, label = torch.softmax(logits.detach().float(), dim=1).max(dim=1)
+    if threshold is None:
+        weight = torch.ones_like(prob)
+    else:
+        weight = (prob >= threshold).float().mean().expand_as(prob).clone()
+    if ignore_top > 0:
+        weight[:, :ignore_top] = 0
+    if ignore_bottom > 0:
+        weight[:, -ignore_bottom:] = 0
+    if valid_mask is not None:
+        weight = weight * valid_mask.reshape(weight.shape).to(weight.dtype)
+    return label, weight
+
+
+def class_mix_masks(labels, num_classes=19, ignore_index=mic_data.IGNORE_INDEX, generator=None):
+    """ClassMix masks [B,1,H,W] (float 0/1) from source labels [B,1,H,W].
+
+    For every sample: take the classes present in the WHOLE batch (the ignore label counts as
+    one, as in the original), choose ceil(n / 2) of them at random, and mask the pixels of
+    this sample's label that belong to the chosen classes. No host synchronisation.
+    """
+    labels = labels.long()
+    B = labels.shape[0]
+    slot = torch.where(labels == ignore_index, num_classes, labels)  # ignore -> slot K
+    present = torch.bincount(slot.flatten(), minlength=num_classes + 1) > 0  # [K+1]
+    n_choose = (present.sum() + 1) // 2  # ceil(n / 2)
+    # A random subset of size ceil(n/2) of the present classes: rank the present classes by
+    # uniform keys (absent ones last) and keep the first ceil(n/2), independently per sample.
+    keys = torch.rand((B, num_classes + 1), device=labels.device, generator=generator)
+    keys = torch.where(present, keys, torch.full_like(keys, 2.0))
+    rank = keys.argsort(dim=1).argsort(dim=1)
+    chosen = (rank < n_choose) & present  # [B, K+1]
+    return torch.gather(chosen, 1, slot.flatten(1)).reshape(labels.shape).float()
+
+
+def mix(mask, a, b):
+    """mask * a + (1 - mask) * b for binary masks, keeping a's dtype (also for labels)."""
+    return torch.where(mask.bool(), a, b)
+
+
+def block_mask(batch, height, width, ratio, block_size, device=None, generator=None):
+    """MIC's random patch mask [B,1,H,W] (float): a grid of round(H/b) x round(W/b) cells,
+    each kept where u > ratio, upsampled with nearest interpolation to H x W."""
+    cells = (max(round(height / block_size), 1), max(round(width / block_size), 1))
+    keep = (torch.rand((batch, 1, *cells), device=device, generator=generator) > ratio).float()
+    return F.interpolate(keep, size=(height, width), mode='nearest')
+
+
+def downscale_label_ratio(label, scale, min_ratio, num_classes, ignore_index=mic_data.IGNORE_INDEX):
+    """Majority vote over scale x scale blocks of a label [B,1,H,W] -> [B,1,H/scale,W/scale].
+
+    The majority class (the ignore label takes part as its own class) is kept where it covers
+    at least min_ratio of the block, else ignore_index. Counts per block via bincount instead
+    of a one-hot tensor of the full image.
+    """
+    B, C, H, W = label.shape
+    h, w = H // scale, W // scale
+    label = label[:, 0, :h * scale, :w * scale].long()
+    slot = torch.where(label == ignore_index, num_classes, label)
+    block = (torch.arange(h * scale, device=label.device) // scale)[:, None] * w \
+        + (torch.arange(w * scale, device=label.device) // scale)[None, :]
+    index = (torch.arange(B, device=label.device)[:, None, None] * (h * w) + block) * (num_classes + 1) + slot
+    counts = torch.bincount(index.flatten(), minlength=B * h * w * (num_classes + 1))
+    counts = counts.reshape(B, h, w, num_classes + 1)
+    top, cls = counts.max(dim=-1)  # first maximum wins ties, like torch.max on the averaged one-hot
+    cls = torch.where(cls == num_classes, ignore_index, cls)
+    cls = torch.where(top < min_ratio * scale * scale, ignore_index, cls)
+    return cls[:, None]
+
+
+def lr_at(iteration, cfg):
+    """Encoder learning rate at `iteration` (the decoder's is optim.head_lr_mult times this):
+    polynomial decay to optim.min_lr at train.max_iters, with a linear warm-up from
+    optim.warmup_ratio over optim.warmup_iters iterations that scales the decayed value."""
+    o, max_iters = cfg['optim'], cfg['train']['max_iters']
+    lr = (o['lr'] - o['min_lr']) * (1 - iteration / max_iters) ** o['power'] + o['min_lr']
+    if iteration < o['warmup_iters']:
+        k = (1 - iteration / o['warmup_iters']) * (1 - o['warmup_ratio'])
+        lr = lr * (1 - k)
+    return lr
+
+
+def feature_distance(student_feats, imnet_feats, label, classes, min_ratio, num_classes):
+    """Mean L2 distance between the last-stage features of the student and the frozen ImageNet
+    encoder over blocks whose (majority, >= min_ratio) source label is a thing class."""
+    fs, fi = student_feats[-1], imnet_feats[-1].detach()
+    scale = label.shape[-1] // fs.shape[-1]
+    small = downscale_label_ratio(label, scale, min_ratio, num_classes)[:, 0]  # [B,h,w]
+    small = small[:, :fs.shape[2], :fs.shape[3]]
+    mask = torch.isin(small, torch.as_tensor(classes, device=label.device))
+    dist = torch.linalg.vector_norm(fs.float() - fi.float(), dim=1)  # [B,h,w]
+    # Mean over the mask; an empty mask gives 0 (the original gets NaN, with no gradient either).
+    return (dist * mask).sum() / mask.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------
+# Strong augmentation (DACS): colour jitter and Gaussian blur, as kornia 0.5 did them
+# --------------------------------------------------------------------------
+
+def _rgb_to_hsv(img, eps=1e-6):
+    maxc, max_idx = img.max(dim=1)
+    minc = img.min(dim=1).values
+    delta = maxc - minc
+    s = delta / (maxc + eps)
+    delta = torch.where(delta == 0, torch.ones_like(delta), delta)
+    rc, gc, bc = (maxc[:, None] - img).unbind(1)
+    h = torch.stack([bc - gc, 2.0 * delta + rc - bc, 4.0 * delta + gc - rc], dim=1)
+    h = torch.gather(h, 1, max_idx[:, None])[:, 0] / delta
+    h = (h / 6.0) % 1.0 * (2 * math.pi)
+    return torch.stack([h, s, maxc], dim=1)
+
+
+def _hsv_to_rgb(img):
+    h, s, v = img[:, 0] / (2 * math.pi), img[:, 1], img[:, 2]
+    hi = torch.floor(h * 6) % 6
+    f = (h * 6) % 6 - hi
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    hi = hi.long()
+    idx = torch.stack([hi, hi + 6, hi + 12], dim=1)
+    table = torch.stack((v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q), dim=1)
+    return torch.gather(table, 1, idx)
+
+
+def apply_color_jitter(img, order, brightness, contrast, saturation, hue):
+    """Jitter images in [0, 1] [B,3,H,W] with per-image factors [B,1,1,1], the four operations in
+    `order` (0 brightness: additive; 1 contrast: multiplicative; 2 saturation; 3 hue shift of
+    hue * 2 pi in HSV), each clamped to [0, 1], as kornia 0.5.8's ColorJitter (used by the original)."""
+    for op in order:
+        if op == 0:
+            img = (img + brightness).clamp(0, 1)
+        elif op == 1:
+            img = (img * contrast).clamp(0, 1)
+        elif op == 2:
+            h, s, v = _rgb_to_hsv(img).split(1, dim=1)
+            img = _hsv_to_rgb(torch.cat([h, (s * saturation).clamp(0, 1), v], dim=1))
+        else:
+            h, s, v = _rgb_to_hsv(img).split(1, dim=1)
+            img = _hsv_to_rgb(torch.cat([torch.fmod(h + hue * 2 * math.pi, 2 * math.pi), s, v], dim=1))
+    return img
+
+
+def color_jitter(img, strength):
+    """Random colour jitter of images in [0, 1]: factors drawn per image on the device, one random order."""
+    B, s = img.shape[0], strength
+
+    def factor(lo, hi):
+        return torch.rand(B, 1, 1, 1, device=img.device) * (hi - lo) + lo
+    return apply_color_jitter(img, torch.randperm(4).tolist(), factor(-s, s), factor(1 - s, 1 + s),
+                              factor(1 - s, 1 + s), factor(-s, s))
+
+
+def gaussian_blur(img, sigma):
+    """Separable Gaussian blur with a kernel of ~10% of the image (odd size), reflect padding."""
+    def size(n):
+        c = math.ceil(0.1 * n)
+        return int(math.floor(c - 0.5 + c % 2))
+    out = img
+    for dim, n in ((2, img.shape[2]), (3, img.shape[3])):
+        k = size(n)
+        x = torch.arange(k, device=img.device, dtype=img.dtype) - k // 2
+        g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+        g = (g / g.sum()).repeat(img.shape[1], 1)[:, None]  # [C,1,k]
+        if dim == 2:
+            out = F.conv2d(F.pad(out, (0, 0, k // 2, k // 2), mode='reflect'), g[..., None], groups=img.shape[1])
+        else:
+            out = F.conv2d(F.pad(out, (k // 2, k // 2, 0, 0), mode='reflect'), g[:, :, None], groups=img.shape[1])
+    return out
+
+
+def strong_augment(img, jitter, blur, strength, mean, std):
+    """DACS's strong augmentation of normalised images [B,3,H,W]: colour jitter (in [0,1] space)
+    if `jitter`, then Gaussian blur with sigma ~ U(0.15, 1.15) if `blur`."""
+    if jitter:
+        img = color_jitter((img * std + mean) / 255.0, strength) * 255.0
+        img = (img - mean) / std
+    if blur:
+        img = gaussian_blur(img, 0.15 + float(torch.rand(())))
+    return img
+
+
+# --------------------------------------------------------------------------
+# Distributed helpers
+# --------------------------------------------------------------------------
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def setup_distributed(cfg):
+    """(rank, world_size, device): torchrun env vars, device from LOCAL_RANK, NCCL on GPUs, gloo on CPU."""
+    want = cfg.train.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if 'RANK' not in os.environ:
+        return 0, 1, torch.device(want)
+    rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+    if want.startswith('cuda'):
+        torch.cuda.set_device(local)
+        device = torch.device('cuda', local)
+        dist.init_process_group('nccl', device_id=device)
+    else:
+        device = torch.device('cpu')
+        dist.init_process_group('gloo')
+    return rank, world, device
+
+
+# --------------------------------------------------------------------------
+# The trainer: models, optimizer and one iteration
+# --------------------------------------------------------------------------
+
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def build_optimizer(model, cfg):
+    """AdamW: encoder lr / weight decay (0 for its norm layers), decoder lr x head_lr_mult."""
+    o = cfg.optim
+    enc_decay, enc_norm, head = [], [], []
+    for name, p in model.named_parameters():
+        if name.startswith('decode_head.'):
+            head.append(p)
+        elif 'norm' in name:
+            enc_norm.append(p)
+        else:
+            enc_decay.append(p)
+    groups = [dict(params=enc_decay, lr_mult=1.0, weight_decay=o.weight_decay),
+              dict(params=enc_norm, lr_mult=1.0, weight_decay=0.0),
+              dict(params=head, lr_mult=o.head_lr_mult, weight_decay=o.weight_decay)]
+    return torch.optim.AdamW([g for g in groups if g['params']], lr=o.lr, betas=tuple(o.betas))
+
+
+class Trainer:
+    """Student, EMA teacher(s), frozen ImageNet encoder and optimizer; `step` runs one iteration."""
+
+    def __init__(self, cfg, device, rank=0, world=1, load_pretrained=True):
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        u = cfg.uda
+        self.dacs = u.mode == 'dacs'
+        self.fd = u.fd_lambda > 0
+        self.mic = u.mask_mode is not None
+        if self.fd and not cfg.model.pretrained:
+            raise ConfigError('uda.fd_lambda > 0 compares features with the ImageNet encoder, which needs '
+                              'model.pretrained; set uda.fd_lambda=0 to train without the feature distance')
+        self.student = mic_model.build_model(cfg.model, load_pretrained=load_pretrained).to(device)
+        self.num_classes = cfg.model.num_classes
+        self.teacher = self._frozen_copy(train_mode=True) if self.dacs else None
+        separate = u.mask_alpha != 'same' or u.mask_pseudo_threshold != 'same'
+        self.mic_teacher = self._frozen_copy(train_mode=True) if (self.mic and self.dacs and separate) else None
+        self.mic_alpha = u.alpha if u.mask_alpha == 'same' else u.mask_alpha
+        self.mic_threshold = u.pseudo_threshold if u.mask_pseudo_threshold == 'same' else u.mask_pseudo_threshold
+        self.imnet = None
+        if self.fd:
+            self.imnet = copy.deepcopy(self.student.backbone).eval()  # the ImageNet weights, frozen
+            for p in self.imnet.parameters():
+                p.requires_grad_(False)
+        if cfg.train.compile:
+            self.student.backbone.compile()
+        self.model = self.student
+        if world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+        self.optimizer = build_optimizer(self.student, cfg)
+        self.amp_dtype = AMP_DTYPES[cfg.train.amp]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == 'fp16')
+        self.mean = torch.tensor(mic_data.IMG_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(mic_data.IMG_STD, device=device).view(1, 3, 1, 1)
+        # The last backward pass of an iteration is the one that synchronises gradients (DDP).
+        self.last_pass = 'masked' if self.mic else ('mix' if self.dacs else 'source')
+        self.debug = None  # tensors of the last iteration, kept only when asked for (debug images)
+
+    def _frozen_copy(self, train_mode):
+        m = copy.deepcopy(self.student)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        m.train(train_mode)
+        mic_model.set_dropout(m, False)  # teachers: no dropout / drop path, BN on batch statistics
+        return m
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _run_pass(self, name, img, label, weight, logs, loss_scale=1.0, extra_loss=None, **kw):
+        """Forward (through DDP) + backward of one of the iteration's losses.
+
+        DDP synchronises gradients on the iteration's last pass only: the earlier passes run
+        forward and backward inside no_sync() and their gradients are summed into it.
+        extra_loss(out) adds a term computed from the outputs (the feature distance).
+        Returns the outputs (losses detached into `logs`).
+        """
+        sync = name == self.last_pass or self.world == 1
+        with contextlib.nullcontext() if sync else self.model.no_sync():
+            with self.autocast():
+                out = self.model(img, label, seg_weight=weight, **kw)
+                loss = self._sum_losses(out, name, logs, loss_scale)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(out)
+            self.scaler.scale(loss).backward()
+        return out
+
+    def set_lr(self, iteration):
+        lr = lr_at(iteration, self.cfg)
+        for g in self.optimizer.param_groups:
+            g['lr'] = lr * g['lr_mult']
+        return lr
+
+    def step(self, batch, iteration, keep_debug=False):
+        """One training iteration. Returns a dict of detached scalar tensors (losses, lr, pseudo ratio)."""
+        u, K = self.cfg.uda, self.num_classes
+        src, gt = batch['img'], batch['gt'].long()
+        tgt, valid = batch['target_img'], batch['valid_pseudo_mask']
+        B, _, H, W = src.shape
+        logs = {}
+
+        # 1. Teacher(s) follow the student (before this iteration's update).
+        if self.teacher is not None:
+            ema_update(self.teacher, self.student, iteration, u.alpha)
+        if self.mic_teacher is not None:
+            ema_update(self.mic_teacher, self.student, iteration, self.mic_alpha)
+        logs['lr'] = torch.tensor(self.set_lr(iteration))
+        self.optimizer.zero_grad(set_to_none=True)
+        debug = {'source': src, 'source_gt': gt, 'target': tgt} if keep_debug else None
+
+        # 2./3. Source loss, plus the ImageNet feature distance on thing classes.
+        def fd_loss(out):
+            with torch.no_grad():
+                imnet_feats = self.imnet(self.student.fd_view(src))
+            fd = u.fd_lambda * feature_distance(out['features'], imnet_feats, gt, u.fd_classes, u.fd_min_ratio, K)
+            logs['source.loss_fd'] = fd.detach()
+            return fd
+        out = self._run_pass('source', src, gt, None, logs, return_feat=self.fd,
+                             extra_loss=fd_loss if self.fd else None)
+        del out
+
+        plabel = pweight = None
+        if self.dacs:
+            # 4. Pseudo-labels from the teacher (dropout off, BN on batch statistics).
+            with torch.no_grad(), self.autocast():
+                t_logits = self.teacher.encode_decode(tgt)
+            plabel, pweight = pseudo_label_and_weight(t_logits, u.pseudo_threshold, valid,
+                                                      u.pseudo_weight_ignore_top, u.pseudo_weight_ignore_bottom)
+            del t_logits
+            # the confidence share: the weight's value wherever the margins leave it alone
+            logs['pseudo_ratio'] = pweight.amax(dim=(1, 2)).mean()
+
+            # 5. ClassMix: the source pixels of half the batch's classes pasted onto the target.
+            masks = class_mix_masks(gt, K)
+            mixed_img = mix(masks, src, tgt)
+            mixed_lbl = mix(masks, gt, plabel[:, None])
+            mixed_w = mix(masks[:, 0], torch.ones_like(pweight), pweight)
+            # 6. Strong augmentation: whether to jitter/blur is decided once, the draws are per image.
+            jitter = float(torch.rand(())) > u.color_jitter_probability
+            blur = u.blur and float(torch.rand(())) > 0.5
+            mixed_img = torch.cat([strong_augment(mixed_img[i:i + 1], jitter, blur, u.color_jitter_strength,
+                                                  self.mean, self.std) for i in range(B)])
+            out = self._run_pass('mix', mixed_img, mixed_lbl, mixed_w, logs, return_logits=keep_debug)
+            if keep_debug:
+                debug.update(pseudo_label=plabel, mixed=mixed_img, mixed_label=mixed_lbl,
+                             mix_pred=out['logits'].detach())
+            del out, mixed_img
+
+        # 7. Masked image consistency: predict the pseudo-labels from a patch-masked image.
+        if self.mic:
+            m_img, m_lbl, m_w = self._mic_inputs(src, gt, tgt, valid, plabel, pweight)
+            if 'aug' in u.mask_mode:
+                jitter = float(torch.rand(())) > u.color_jitter_probability
+                m_img = strong_augment(m_img, jitter, float(torch.rand(())) > 0.5, u.color_jitter_strength,
+                                       self.mean, self.std)
+            m_img = m_img * block_mask(B, H, W, u.mask_ratio, u.mask_block_size, device=src.device)
+            out = self._run_pass('masked', m_img, m_lbl, m_w, logs, loss_scale=u.mask_lambda,
+                                 return_logits=keep_debug)
+            if keep_debug:
+                debug.update(masked=m_img, masked_pred=out['logits'].detach())
+            del out, m_img
+
+        # 8. One optimizer step over the summed gradients.
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.debug = debug
+        return logs
+
+    def _sum_losses(self, out, prefix, logs, scale=1.0):
+        loss = 0
+        for k, v in out.items():
+            if k.startswith('loss_'):
+                # MIC's weight scales the fused loss only, as in the original (mask_lambda = 1 by default).
+                v = v * scale if k == 'loss_seg' else v
+                logs[f'{prefix}.{k}'] = v.detach()
+                loss = loss + v
+        return loss
+
+    def _mic_inputs(self, src, gt, tgt, valid, plabel, pweight):
+        """Images, labels and weights of the masked pass for uda.mask_mode."""
+        u, mode, B = self.cfg.uda, self.cfg.uda.mask_mode, src.shape[0]
+        if self.mic_teacher is not None:
+            with torch.no_grad(), self.autocast():
+                logits = self.mic_teacher.encode_decode(tgt)
+            plabel, pweight = pseudo_label_and_weight(logits, self.mic_threshold, valid,
+                                                      u.pseudo_weight_ignore_top, u.pseudo_weight_ignore_bottom)
+        if not self.dacs or mode in ('separatesrc', 'separatesrcaug'):
+            return src, gt, None
+        if mode in ('separatetrg', 'separatetrgaug'):
+            return tgt, plabel[:, None], pweight
+        # 'separate' / 'separateaug': half source (labels, weight 1), half target (pseudo-labels).
+        h = B // 2
+        img = torch.cat([src[:h], tgt[:B - h]])
+        lbl = torch.cat([gt[:h], plabel[:B - h, None]])
+        w = torch.cat([torch.ones_like(pweight[:h]), pweight[:B - h]])
+        return img, lbl, w
+
+    # -- checkpoints ---------------------------------------------------------
+    def state_dict(self):
+        return {'student': self.student.state_dict(),
+                'teacher': self.teacher.state_dict() if self.teacher is not None else None,
+                'mic_teacher': self.mic_teacher.state_dict() if self.mic_teacher is not None else None,
+                'optimizer': self.optimizer.state_dict(), 'scaler': self.scaler.state_dict()}
+
+    def load_state_dict(self, ckpt):
+        self.student.load_state_dict(ckpt['student'])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(ckpt['teacher'])
+        if self.mic_teacher is not None:
+            self.mic_teacher.load_state_dict(ckpt['mic_teacher'])
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        self.scaler.load_state_dict(ckpt['scaler'])
+
+
+# --------------------------------------------------------------------------
+# RNG state, checkpoints, run folder
+# --------------------------------------------------------------------------
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {'python': random.getstate(),
+            'numpy': (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+            'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state['python'])
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def atomic_torch_save(obj, path):
+    tmp = f'{path}.tmp{os.getpid()}'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path, text):
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def git_commit():
+    try:
+        return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _map_tensors(obj, fn):
+    if torch.is_tensor(obj) or isinstance(obj, np.ndarray):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def gather_rng_states():
+    """Every rank's RNG state (rank order), for an exact resume of all ranks."""
+    state = rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    # numpy arrays travel through all_gather_object reliably; tensors are converted back after
+    dist.all_gather_object(states, _map_tensors(state, lambda t: t.numpy() if torch.is_tensor(t) else t))
+    return [_map_tensors(s, torch.from_numpy) for s in states]
+
+
+def architecture(cfg_model):
+    """The config fields that decide the parameters' names and shapes."""
+    m = cfg_model
+    return {'type': m['type'], 'backbone': m['backbone']['type'], 'decode_head': dict(m['decode_head']),
+            'num_classes': m['num_classes'],
+            'hrda_attention': (m['hrda']['attention_classwise'], m['hrda']['fixed_attention'])
+            if m['type'] == 'hrda' else None}
+
+
+def check_work_dir(cfg, resume):
+    """Refuse to start a new run in a folder that holds another run.
+
+    Returns True when the folder holds this very config's finished run (nothing left to train).
+    """
+    ckpt = os.path.join(cfg.train.work_dir, 'latest.pth')
+    if resume or not os.path.exists(ckpt):
+        return False
+    try:
+        old = torch.load(ckpt, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ConfigError(f'{ckpt} exists but cannot be read ({e}); delete it or choose another train.work_dir') from None
+    if old.get('config') == to_plain(cfg) and old.get('iteration', 0) >= cfg.train.max_iters:
+        return True
+    what = 'the same config, stopped at iteration' if old.get('config') == to_plain(cfg) else \
+        'a run of another config, at iteration'
+    raise ConfigError(f'{cfg.train.work_dir} already holds {what} {old.get("iteration")} ({ckpt}). '
+                      'Pass --resume to continue it, or set train.work_dir to a new folder '
+                      '(--opt train.work_dir=work_dirs/NEW).')
+
+
+# --------------------------------------------------------------------------
+# Logging and debug images
+# --------------------------------------------------------------------------
+
+def memory_mb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (Linux: KiB)
+
+
+def save_debug_grid(debug, path, mean, std, max_width=1536):
+    """One row per sample: source, source label, target, pseudo-label, mixed image, mixed label,
+    prediction on the mixed image, masked image, prediction on the masked image."""
+    from PIL import Image
+
+    def image(x):
+        x = ((x.float() * std[0] + mean[0]).clamp(0, 255)).byte().permute(1, 2, 0).cpu().numpy()
+        return x
+
+    def label(x):
+        return mic_data.colorize(x.reshape(x.shape[-2:]).cpu().numpy().astype(np.uint8))
+
+    def pred(x):
+        return label(x.argmax(0))
+    B = debug['source'].shape[0]
+    rows = []
+    for i in range(B):
+        tiles = [image(debug['source'][i]), label(debug['source_gt'][i]), image(debug['target'][i])]
+        if 'pseudo_label' in debug:
+            tiles += [label(debug['pseudo_label'][i]), image(debug['mixed'][i]), label(debug['mixed_label'][i])]
+            tiles.append(pred(F.interpolate(debug['mix_pred'][i:i + 1].float(), size=tiles[0].shape[:2])[0]))
+        if 'masked' in debug:
+            tiles += [image(debug['masked'][i]),
+                      pred(F.interpolate(debug['masked_pred'][i:i + 1].float(), size=tiles[0].shape[:2])[0])]
+        rows.append(np.concatenate(tiles, axis=1))
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    if grid.width > max_width:
+        grid = grid.resize((max_width, round(grid.height * max_width / grid.width)), Image.BILINEAR)
+    tmp = f'{path}.tmp.png'
+    grid.save(tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------
+# Main loop
+# --------------------------------------------------------------------------
+
+def ensure_demo_data(cfg):
+    """Generate and convert the synthetic demo benchmark when the config asks for it and it is missing."""
+    demo = cfg.data.demo
+    if not demo.enabled:
+        return
+    import convert_labels
+    src, tgt = os.path.join(demo.root, 'gta'), os.path.join(demo.root, 'cityscapes')
+    done = os.path.exists(os.path.join(src, 'sample_class_stats.json')) and \
+        os.path.exists(os.path.join(tgt, 'sample_class_stats.json'))
+    if done:
+        return
+    print0(f'generating the demo benchmark in {demo.root} (seed {demo.seed}) ...')
+    t = time.time()
+    mic_data.make_demo(demo.root, seed=demo.seed, num_source=demo.num_source, num_target=demo.num_target,
+                       num_val=demo.num_val, width=demo.width, height=demo.height)
+    convert_labels.convert_dataset('gta', src, progress=False)
+    convert_labels.convert_dataset('cityscapes', tgt, progress=False)
+    print0(f'demo data ready in {time.time() - t:.0f} s')
+
+
+def train(cfg, resume=None, command=''):
+    rank, world, device = setup_distributed(cfg)
+    try:
+        return _train(cfg, resume, command, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg, resume, command, rank, world, device):
+    from tqdm import tqdm
+    work_dir = cfg.train.work_dir
+    ckpt_path = None
+    if resume:
+        ckpt_path = os.path.join(work_dir, 'latest.pth') if resume == 'auto' else resume
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f'--resume: checkpoint {ckpt_path} does not exist')
+    finished = check_work_dir(cfg, resume)
+    if finished:
+        path = os.path.join(work_dir, 'metrics.json')
+        print0(f'{work_dir} already holds this config\'s finished run; its results: {path}. '
+               'Delete the folder or set train.work_dir to train again.')
+        if os.path.exists(path):
+            with open(path) as f:
+                metrics = json.load(f)
+            print0(f'target mIoU: {metrics["mIoU"]:.2f}')
+            return metrics
+        return None
+    if is_main():
+        os.makedirs(os.path.join(work_dir, 'debug'), exist_ok=True)
+        ensure_demo_data(cfg)
+    if dist.is_initialized():
+        dist.barrier()
+
+    seed_everything(cfg.train.seed + rank)
+    trainer = Trainer(cfg, device, rank, world, load_pretrained=not resume)
+    start = 0
+    ckpt = None
+    if ckpt_path:
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        old = architecture(ckpt['config']['model'])
+        if old != architecture(cfg.model):
+            raise ConfigError(f'refusing to resume {ckpt_path}: it was trained with model {old}, '
+                              f'the config asks for {architecture(cfg.model)}')
+        trainer.load_state_dict(ckpt)
+        start = ckpt['iteration']
+        print0(f'resumed {ckpt_path} at iteration {start}')
+
+    max_iters = cfg.train.max_iters
+    best = ckpt['meta'].get('best_mIoU') if ckpt else None
+    if is_main():
+        atomic_write_text(os.path.join(work_dir, 'config.yaml'), dump_yaml(cfg))
+        atomic_write_text(os.path.join(work_dir, 'command.txt'), command + '\n')
+    log_path = os.path.join(work_dir, 'log.jsonl')
+
+    def save(iteration):
+        states = gather_rng_states()
+        if is_main():
+            atomic_torch_save({**trainer.state_dict(), 'iteration': iteration, 'rng': states,
+                               'sampler': {'next_index': iteration * cfg.data.batch_size}, 'config': to_plain(cfg),
+                               'meta': {'command': command, 'git_commit': git_commit(), 'best_mIoU': best,
+                                        'time': datetime.datetime.now().isoformat(timespec='seconds'),
+                                        'torch': str(torch.__version__), 'world_size': world}},
+                              os.path.join(work_dir, 'latest.pth'))
+
+    def log(record):
+        if is_main():
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+    def evaluate(iteration, pred_dir=None):
+        nonlocal best
+        metrics = mic_eval.evaluate(trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
+                                    device=device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
+                                    synthia16=cfg.data.source.type == 'synthia',
+                                    num_workers=cfg.data.num_workers)
+        if 'mIoU' not in metrics:
+            raise mic_data.DataError(f'data.val ({cfg.data.val.root}, split {cfg.data.val.split}) is not fully '
+                                     'labelled: training evaluates on a labelled split; point data.val at one')
+        if best is None or metrics['mIoU'] > best:
+            best = metrics['mIoU']
+        log({'iteration': iteration, 'eval': {k: v for k, v in metrics.items() if k != 'IoU'},
+             'IoU': metrics.get('IoU'), 'best_mIoU': best})
+        print0(f'iteration {iteration}: target mIoU {metrics["mIoU"]:.2f} (best {best:.2f})')
+        return metrics
+
+    metrics = None
+    if start < max_iters:
+        loader = mic_data.build_train_loader(cfg.data, cfg.train.seed, rank=rank, start_iter=start)
+        batches = iter(loader)
+        if ckpt is not None:  # after the loader is made: it draws its worker seed from the global RNG
+            set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
+        del ckpt
+        bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not is_main(),
+                   dynamic_ncols=True, desc='train')
+        acc, acc_n, t_last, pending = {}, 0, time.time(), None
+        data_time = 0.0
+        for it in bar:
+            t0 = time.time()
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            data_time += time.time() - t0
+            keep_debug = cfg.train.debug_img_interval > 0 and it % cfg.train.debug_img_interval == 0
+            logs = trainer.step(batch, it, keep_debug=keep_debug)
+            # Check the previous iteration's losses now: its values are ready without stalling the GPU.
+            if pending is not None:
+                _check_finite(*pending)
+            pending = (it, logs)
+            for k, v in logs.items():
+                acc[k] = acc.get(k, 0) + v.detach().float()
+            acc_n += 1
+            if keep_debug and is_main():
+                save_debug_grid(trainer.debug, os.path.join(work_dir, 'debug', f'{it:06d}.png'),
+                                trainer.mean, trainer.std)
+            trainer.debug = None
+            done = it + 1
+            if done % cfg.train.log_interval == 0 or done == max_iters:
+                _check_finite(*pending)
+                dt = (time.time() - t_last) / acc_n
+                record = {'iteration': done, **{k: round(float(v) / acc_n, 6) for k, v in acc.items()},
+                          'time_per_iter': round(dt, 4), 'data_time': round(data_time / acc_n, 4),
+                          'memory_mb': round(memory_mb(device))}
+                log(record)
+                bar.set_postfix(loss=f'{sum(v for k, v in record.items() if "loss" in k):.3f}',
+                                lr=f'{record["lr"]:.2e}')
+                acc, acc_n, t_last, data_time = {}, 0, time.time(), 0.0
+            if cfg.train.eval_interval and done % cfg.train.eval_interval == 0 and done < max_iters:
+                evaluate(done)
+            if (cfg.train.ckpt_interval and done % cfg.train.ckpt_interval == 0) or done == max_iters:
+                save(done)
+        bar.close()
+    else:
+        print0(f'{work_dir} already trained to iteration {max_iters}; evaluating')
+
+    metrics = evaluate(max_iters, pred_dir=os.path.join(work_dir, 'preds') if is_main() else None)
+    if is_main():
+        final = {**metrics, 'checkpoint': os.path.join(work_dir, 'latest.pth')}
+        atomic_write_text(os.path.join(work_dir, 'metrics.json'), json.dumps(final, indent=2))
+        print0(f'target mIoU after {max_iters} iterations: {metrics["mIoU"]:.2f} '
+               f'(per class: {work_dir}/metrics.json, predictions: {work_dir}/preds)')
+    return metrics
+
+
+def _check_finite(iteration, logs):
+    bad = [k for k, v in logs.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteLossError(f'non-finite loss at iteration {iteration}: {", ".join(bad)} = '
+                                 f'{", ".join(str(float(logs[k])) for k in bad)}. The last checkpoint is intact; '
+                                 'lower optim.lr, use train.amp=none or bf16 instead of fp16, or check the data.')
+
+
+# --------------------------------------------------------------------------
+# --benchmark: iterations on synthetic tensors of the config's real sizes
+# --------------------------------------------------------------------------
+
+def benchmark(cfg, iters):
+    rank, world, device = setup_distributed(cfg)
+    try:
+        seed_everything(cfg.train.seed + rank)
+        trainer = Trainer(cfg, device, rank, world, load_pretrained=False)  # random weights, same cost
+        B, (H, W), K = cfg.data.batch_size, cfg.data.crop_size, cfg.model.num_classes
+        gen = torch.Generator().manual_seed(0)
+        batch = {'img': torch.randn(B, 3, H, W, generator=gen),
+                 'gt': torch.randint(0, K, (B, 1, H, W), generator=gen, dtype=torch.uint8),
+                 'target_img': torch.randn(B, 3, H, W, generator=gen),
+                 'valid_pseudo_mask': torch.ones(B, 1, H, W, dtype=torch.uint8)}
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        warmup = min(3, max(iters - 1, 0))
+        for i in range(warmup + iters):
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            trainer.step(batch, 1000 + i)
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+        result = {'config': cfg.train.work_dir, 'device': str(device),
+                  'gpu': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
+                  'amp': cfg.train.amp, 'activation_checkpointing': cfg.model.activation_checkpointing,
+                  'compile': cfg.train.compile, 'batch': B, 'crop': [H, W], 'iterations': iters,
+                  'median_s_per_iter': round(statistics.median(times), 4), 'peak_memory_mb': round(memory_mb(device)),
+                  'world_size': world, 'torch': torch.__version__}
+        print0(json.dumps(result))
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Train MIC(HRDA) / MIC(DAFormer) domain adaptation (see the module docstring for examples).',
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n')[1])
+    parser.add_argument('--cfg', required=True, help='YAML config, e.g. configs/gta2cs.yaml (only what differs '
+                        'from the defaults in mic_config.py)')
+    parser.add_argument('--opt', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='config overrides, e.g. train.max_iters=1000 model.pretrained=null data.batch_size=1')
+    parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
+                        help='continue a run exactly (default checkpoint: train.work_dir/latest.pth)')
+    parser.add_argument('--benchmark', type=int, default=None, metavar='N',
+                        help='time N iterations on synthetic tensors of the config\'s sizes; prints median '
+                             's/iteration and peak memory, needs no dataset')
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.cfg, args.opt)
+        if args.benchmark:
+            return benchmark(cfg, args.benchmark)
+        command = ' '.join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv)))
+        return train(cfg, args.resume, command)
+    except (ConfigError, mic_data.DataError, mic_model.CheckpointError, FileNotFoundError,
+            NonFiniteLossError) as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()

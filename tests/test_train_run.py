@@ -1,0 +1,190 @@
+"""mic_train end to end on a tiny generated demo: the run folder, exact resume, two gloo processes,
+bad input. Sizes are tiny so that the whole file runs in about a minute on 2 cores."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mic_model
+import mic_train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def demo_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('demo'))
+
+
+def tiny_opts(demo_root, work_dir, *extra):
+    return ['model.backbone.type=mit_b0', 'model.decode_head.embed_dims=32', 'model.pretrained=null',
+            'model.hrda.hr_crop_size=[32,32]', 'model.test.crop_size=[64,64]', 'model.test.stride=[32,32]',
+            'data.demo.enabled=true', f'data.demo.root={demo_root}', 'data.demo.num_source=6',
+            'data.demo.num_target=4', 'data.demo.num_val=2', 'data.demo.width=128', 'data.demo.height=64',
+            f'data.source.root={demo_root}/gta', f'data.target.root={demo_root}/cityscapes',
+            f'data.val.root={demo_root}/cityscapes', 'data.source.img_scale=[128,64]',
+            'data.target.img_scale=[128,64]', 'data.val.img_scale=[128,64]', 'data.crop_size=[64,64]',
+            'data.rcs.min_pixels=20', 'data.num_workers=0', 'uda.fd_lambda=0', 'uda.mask_block_size=16',
+            'train.max_iters=8', 'train.log_interval=2', 'train.eval_interval=4', 'train.ckpt_interval=4',
+            'train.debug_img_interval=4', 'train.device=cpu', f'train.work_dir={work_dir}', *extra]
+
+
+def run(demo_root, work_dir, *extra, resume=False):
+    argv = ['--cfg', os.path.join(REPO, 'configs/gta2cs.yaml'), '--opt', *tiny_opts(demo_root, work_dir, *extra)]
+    if resume:
+        argv.append('--resume')
+    return mic_train.main(argv)
+
+
+def test_run_folder_contents(demo_root, tmp_path):
+    work = str(tmp_path / 'run')
+    metrics = run(demo_root, work)
+    assert 0 <= metrics['mIoU'] <= 100
+    for name in ('config.yaml', 'command.txt', 'log.jsonl', 'latest.pth', 'metrics.json',
+                 'debug/000000.png', 'debug/000004.png'):
+        assert os.path.isfile(os.path.join(work, name)), name
+    assert len(os.listdir(os.path.join(work, 'preds'))) == 2
+    records = [json.loads(line) for line in open(os.path.join(work, 'log.jsonl'))]
+    train = [r for r in records if 'eval' not in r]
+    assert [r['iteration'] for r in train] == [2, 4, 6, 8]
+    for key in ('lr', 'source.loss_seg', 'source.loss_seg_hr', 'mix.loss_seg', 'masked.loss_seg', 'pseudo_ratio',
+                'time_per_iter', 'memory_mb'):
+        assert key in train[0], key
+    assert [r['iteration'] for r in records if 'eval' in r] == [4, 8]
+    ckpt = torch.load(os.path.join(work, 'latest.pth'), weights_only=True)
+    assert ckpt['iteration'] == 8 and ckpt['config']['train']['max_iters'] == 8 and len(ckpt['rng']) == 1
+    assert {'student', 'teacher', 'optimizer', 'scaler', 'sampler', 'meta'} <= set(ckpt)
+    model = mic_model.build_model(ckpt['config']['model'])
+    assert mic_model.load_checkpoint(model, os.path.join(work, 'latest.pth'))['format'] == 'mic_train'
+    # the same command again: the finished run is reported, not overwritten
+    assert run(demo_root, work)['mIoU'] == metrics['mIoU']
+    # another config in the same folder is refused
+    with pytest.raises(SystemExit):
+        run(demo_root, work, 'train.seed=5')
+
+
+def test_interrupted_run_resumes_exactly(demo_root, tmp_path, monkeypatch):
+    run(demo_root, str(tmp_path / 'full'))
+    full = torch.load(tmp_path / 'full' / 'latest.pth', weights_only=True)
+
+    original = mic_train.Trainer.step
+
+    def crash_at_5(self, batch, iteration, keep_debug=False):
+        if iteration == 5:
+            raise KeyboardInterrupt  # killed after the checkpoint at iteration 4
+        return original(self, batch, iteration, keep_debug)
+    monkeypatch.setattr(mic_train.Trainer, 'step', crash_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(demo_root, str(tmp_path / 'cut'))
+    assert torch.load(tmp_path / 'cut' / 'latest.pth', weights_only=True)['iteration'] == 4
+    monkeypatch.setattr(mic_train.Trainer, 'step', original)
+    run(demo_root, str(tmp_path / 'cut'), resume=True)
+    resumed = torch.load(tmp_path / 'cut' / 'latest.pth', weights_only=True)
+    for part in ('student', 'teacher'):
+        for k, v in full[part].items():
+            assert torch.equal(v, resumed[part][k]), (part, k)
+    # resuming with another architecture is refused
+    with pytest.raises(SystemExit):
+        run(demo_root, str(tmp_path / 'cut'), 'model.backbone.type=mit_b1', resume=True)
+
+
+def test_non_finite_loss_stops_with_names_and_keeps_the_checkpoint(demo_root, tmp_path, monkeypatch, capsys):
+    original = mic_train.Trainer.step
+
+    def nan_at_5(self, batch, iteration, keep_debug=False):
+        logs = original(self, batch, iteration, keep_debug)
+        if iteration == 5:
+            logs['mix.loss_seg'] = torch.tensor(float('nan'))
+        return logs
+    monkeypatch.setattr(mic_train.Trainer, 'step', nan_at_5)
+    with pytest.raises(SystemExit):
+        run(demo_root, str(tmp_path / 'nan'))
+    err = capsys.readouterr().err
+    assert 'non-finite loss at iteration 5: mix.loss_seg' in err
+    assert torch.load(tmp_path / 'nan' / 'latest.pth', weights_only=True)['iteration'] == 4
+
+
+def test_bad_input_messages(demo_root, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(demo_root, str(tmp_path / 'a'), 'data.demo.enabled=false', f'data.source.root={tmp_path}/nope')
+    assert 'nope' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(demo_root, str(tmp_path / 'b'), f'model.pretrained={tmp_path}/mit_b0.pth')
+    assert 'SegFormer' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mic_train.main(['--cfg', os.path.join(REPO, 'configs/gta2cs.yaml'), '--opt', 'train.max_itres=3'])
+    assert "unknown config key 'train.max_itres'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(demo_root, str(tmp_path / 'c'), resume=True)
+    assert 'does not exist' in capsys.readouterr().err
+
+
+def test_benchmark_needs_no_dataset(tmp_path, capsys):
+    result = mic_train.main(['--cfg', os.path.join(REPO, 'configs/gta2cs.yaml'), '--benchmark', '1', '--opt',
+                             'model.backbone.type=mit_b0', 'model.decode_head.embed_dims=32',
+                             'model.hrda.hr_crop_size=[32,32]', 'data.crop_size=[64,64]', 'train.device=cpu',
+                             f'data.source.root={tmp_path}/none'])
+    assert result['median_s_per_iter'] > 0 and result['crop'] == [64, 64]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['peak_memory_mb'] > 0
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_run(demo_root, tmp_path):
+    run(demo_root, str(tmp_path / 'prepare'), 'train.max_iters=1', 'train.eval_interval=0')  # data exists now
+    work = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
+           f'--master_port={_free_port()}', os.path.join(REPO, 'mic_train.py'),
+           '--cfg', os.path.join(REPO, 'configs/gta2cs.yaml'),
+           '--opt', *tiny_opts(demo_root, str(work), 'train.max_iters=3', 'train.eval_interval=0')]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(work / 'latest.pth', weights_only=True)
+    assert ckpt['meta']['world_size'] == 2 and len(ckpt['rng']) == 2 and ckpt['iteration'] == 3
+    assert not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])  # seeds offset by rank
+    assert 'target mIoU after 3 iterations' in proc.stdout
+
+
+def _ddp_worker(rank, port, out):
+    import torch.distributed as dist
+    sys.path.insert(0, os.path.join(REPO, 'tests'))
+    from test_train_helpers import synthetic_batch, tiny_cfg
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # same initial weights on both ranks
+        trainer = mic_train.Trainer(tiny_cfg(), torch.device('cpu'), rank, 2)
+        torch.manual_seed(10 + rank)
+        trainer.step(synthetic_batch(seed=rank), 0)  # different data per rank
+        flat = torch.cat([p.detach().flatten() for p in trainer.student.parameters()])
+        both = [torch.zeros_like(flat) for _ in range(2)]
+        dist.all_gather(both, flat)
+        if rank == 0:
+            torch.save({'same': torch.equal(both[0], both[1]), 'params': flat}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradients_are_synchronised(tmp_path):
+    out = str(tmp_path / 'ddp.pt')
+    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), out), nprocs=2, join=True)
+    result = torch.load(out, weights_only=True)
+    assert result['same']  # every pass's gradients reached both ranks
+    # ... and they are not rank 0's alone: a single process on rank 0's batch ends elsewhere
+    sys.path.insert(0, os.path.join(REPO, 'tests'))
+    from test_train_helpers import synthetic_batch, tiny_cfg
+    torch.manual_seed(0)
+    single = mic_train.Trainer(tiny_cfg(), torch.device('cpu'))
+    torch.manual_seed(10)
+    single.step(synthetic_batch(seed=0), 0)
+    flat = torch.cat([p.detach().flatten() for p in single.student.parameters()])
+    assert not torch.equal(flat, result['params'])
