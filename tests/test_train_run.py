@@ -2,7 +2,6 @@
 bad input. Sizes are tiny so that the whole file runs in about a minute on 2 cores."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -132,17 +131,11 @@ def test_benchmark_needs_no_dataset(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['peak_memory_mb'] > 0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_run(demo_root, tmp_path):
     run(demo_root, str(tmp_path / 'prepare'), 'train.max_iters=1', 'train.eval_interval=0')  # data exists now
     work = tmp_path / 'ddp'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
-           f'--master_port={_free_port()}', os.path.join(REPO, 'mic_train.py'),
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(REPO, 'mic_train.py'),
            '--cfg', os.path.join(REPO, 'configs/gta2cs.yaml'),
            '--opt', *tiny_opts(demo_root, str(work), 'train.max_iters=3', 'train.eval_interval=0')]
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -154,12 +147,12 @@ def test_two_process_gloo_run(demo_root, tmp_path):
     assert 'target mIoU after 3 iterations' in proc.stdout
 
 
-def _ddp_worker(rank, port, out):
+def _ddp_worker(rank, store, out):
     import torch.distributed as dist
     sys.path.insert(0, os.path.join(REPO, 'tests'))
     from test_train_helpers import synthetic_batch, tiny_cfg
     torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
     try:
         torch.manual_seed(0)  # same initial weights on both ranks
         trainer = mic_train.Trainer(tiny_cfg(), torch.device('cpu'), rank, 2)
@@ -176,7 +169,7 @@ def _ddp_worker(rank, port, out):
 
 def test_ddp_gradients_are_synchronised(tmp_path):
     out = str(tmp_path / 'ddp.pt')
-    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), out), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path / 'store'), out), nprocs=2, join=True)
     result = torch.load(out, weights_only=True)
     assert result['same']  # every pass's gradients reached both ranks
     # ... and they are not rank 0's alone: a single process on rank 0's batch ends elsewhere
