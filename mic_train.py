@@ -307,7 +307,9 @@ def build_optimizer(model, cfg):
 class Trainer:
     """Student, EMA teacher(s), frozen ImageNet encoder and optimizer; `step` runs one iteration."""
 
-    def __init__(self, cfg, device, rank=0, world=1, load_pretrained=True):
+    def __init__(self, cfg, device, rank=0, world=1, load_pretrained=True, random_init=False):
+        """load_pretrained: initialise the student's encoder from model.pretrained (not on resume).
+        random_init: no weights from files at all (--benchmark): the frozen ImageNet encoder too."""
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         u = cfg.uda
         self.dacs = u.mode == 'dacs'
@@ -316,7 +318,8 @@ class Trainer:
         if self.fd and not cfg.model.pretrained:
             raise ConfigError('uda.fd_lambda > 0 compares features with the ImageNet encoder, which needs '
                               'model.pretrained; set uda.fd_lambda=0 to train without the feature distance')
-        self.student = mic_model.build_model(cfg.model, load_pretrained=load_pretrained).to(device)
+        self.student = mic_model.build_model(cfg.model, load_pretrained=load_pretrained and not random_init)
+        self.student.to(device)
         self.num_classes = cfg.model.num_classes
         self.teacher = self._frozen_copy(train_mode=True) if self.dacs else None
         separate = u.mask_alpha != 'same' or u.mask_pseudo_threshold != 'same'
@@ -324,8 +327,11 @@ class Trainer:
         self.mic_alpha = u.alpha if u.mask_alpha == 'same' else u.mask_alpha
         self.mic_threshold = u.pseudo_threshold if u.mask_pseudo_threshold == 'same' else u.mask_pseudo_threshold
         self.imnet = None
-        if self.fd:
-            self.imnet = copy.deepcopy(self.student.backbone).eval()  # the ImageNet weights, frozen
+        if self.fd:  # the frozen ImageNet encoder: always the pretrained file's weights (also on resume)
+            self.imnet = copy.deepcopy(self.student.backbone)  # the architecture (a copy draws no random numbers)
+            if not random_init:
+                mic_model.load_pretrained_encoder(self.imnet, cfg.model.pretrained)
+            self.imnet.to(device).eval()
             for p in self.imnet.parameters():
                 p.requires_grad_(False)
         if cfg.train.compile:
@@ -611,36 +617,39 @@ def memory_mb(device):
 
 
 def save_debug_grid(debug, path, mean, std, max_width=1536):
-    """One row per sample: source, source label, target, pseudo-label, mixed image, mixed label,
-    prediction on the mixed image, masked image, prediction on the masked image."""
-    from PIL import Image
+    """One row per sample, titled columns: source image and label, target image, pseudo-label, mixed
+    image and label, the student's prediction on it, masked image, the prediction on that."""
+    from PIL import Image, ImageDraw
 
     def image(x):
-        x = ((x.float() * std[0] + mean[0]).clamp(0, 255)).byte().permute(1, 2, 0).cpu().numpy()
-        return x
+        return ((x.float() * std[0] + mean[0]).clamp(0, 255)).byte().permute(1, 2, 0).cpu().numpy()
 
     def label(x):
         return mic_data.colorize(x.reshape(x.shape[-2:]).cpu().numpy().astype(np.uint8))
 
-    def pred(x):
-        return label(x.argmax(0))
-    B = debug['source'].shape[0]
-    rows = []
-    for i in range(B):
-        tiles = [image(debug['source'][i]), label(debug['source_gt'][i]), image(debug['target'][i])]
-        if 'pseudo_label' in debug:
-            tiles += [label(debug['pseudo_label'][i]), image(debug['mixed'][i]), label(debug['mixed_label'][i])]
-            tiles.append(pred(F.interpolate(debug['mix_pred'][i:i + 1].float(), size=tiles[0].shape[:2])[0]))
-        if 'masked' in debug:
-            tiles += [image(debug['masked'][i]),
-                      pred(F.interpolate(debug['masked_pred'][i:i + 1].float(), size=tiles[0].shape[:2])[0])]
-        rows.append(np.concatenate(tiles, axis=1))
-    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    def pred(logits, size):
+        return label(F.interpolate(logits[None].float(), size=size)[0].argmax(0))
+    B, size = debug['source'].shape[0], tuple(debug['source'].shape[2:])
+    columns = [('source', lambda i: image(debug['source'][i])), ('src label', lambda i: label(debug['source_gt'][i])),
+               ('target', lambda i: image(debug['target'][i]))]
+    if 'pseudo_label' in debug:
+        columns += [('pseudo', lambda i: label(debug['pseudo_label'][i])),
+                    ('mixed', lambda i: image(debug['mixed'][i])), ('mix label', lambda i: label(debug['mixed_label'][i])),
+                    ('mix pred', lambda i: pred(debug['mix_pred'][i], size))]
+    if 'masked' in debug:
+        columns += [('masked', lambda i: image(debug['masked'][i])),
+                    ('mask pred', lambda i: pred(debug['masked_pred'][i], size))]
+    rows = np.concatenate([np.concatenate([fn(i) for _, fn in columns], axis=1) for i in range(B)], axis=0)
+    header = Image.new('RGB', (rows.shape[1], 14), 'white')
+    draw = ImageDraw.Draw(header)
+    for j, (title, _) in enumerate(columns):
+        draw.text((j * size[1] + 2, 1), title, fill='black')
+    grid = Image.new('RGB', (rows.shape[1], rows.shape[0] + 14))
+    grid.paste(header, (0, 0))
+    grid.paste(Image.fromarray(rows), (0, 14))
     if grid.width > max_width:
         grid = grid.resize((max_width, round(grid.height * max_width / grid.width)), Image.BILINEAR)
-    tmp = f'{path}.tmp.png'
-    grid.save(tmp)
-    os.replace(tmp, path)
+    mic_data.save_png(path, np.asarray(grid))
 
 
 # --------------------------------------------------------------------------
@@ -648,23 +657,33 @@ def save_debug_grid(debug, path, mean, std, max_width=1536):
 # --------------------------------------------------------------------------
 
 def ensure_demo_data(cfg):
-    """Generate and convert the synthetic demo benchmark when the config asks for it and it is missing."""
+    """Generate and convert the synthetic demo benchmark when the config asks for it and it is missing.
+
+    make_demo writes demo_info.json last and the conversion is idempotent, so an interrupted
+    preparation is completed on the next start; a folder generated with other settings is refused.
+    """
     demo = cfg.data.demo
     if not demo.enabled:
         return
     import convert_labels
-    src, tgt = os.path.join(demo.root, 'gta'), os.path.join(demo.root, 'cityscapes')
-    done = os.path.exists(os.path.join(src, 'sample_class_stats.json')) and \
-        os.path.exists(os.path.join(tgt, 'sample_class_stats.json'))
-    if done:
-        return
-    print0(f'generating the demo benchmark in {demo.root} (seed {demo.seed}) ...')
+    wanted = {k: demo[k] for k in ('seed', 'num_source', 'num_target', 'num_val', 'width', 'height')}
+    info_path = os.path.join(demo.root, 'demo_info.json')
     t = time.time()
-    mic_data.make_demo(demo.root, seed=demo.seed, num_source=demo.num_source, num_target=demo.num_target,
-                       num_val=demo.num_val, width=demo.width, height=demo.height)
-    convert_labels.convert_dataset('gta', src, progress=False)
-    convert_labels.convert_dataset('cityscapes', tgt, progress=False)
-    print0(f'demo data ready in {time.time() - t:.0f} s')
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+        if {k: info.get(k) for k in wanted} != wanted:
+            raise ConfigError(f'{demo.root} holds demo data generated with {info}, but the config asks for '
+                              f'{wanted}: delete {demo.root} or set data.demo.root to another folder')
+    else:
+        print0(f'generating the demo benchmark in {demo.root} (seed {demo.seed}) ...')
+        mic_data.make_demo(demo.root, **wanted)
+    for kind, sub in (('gta', 'gta'), ('cityscapes', 'cityscapes')):
+        root = os.path.join(demo.root, sub)
+        if not os.path.exists(os.path.join(root, 'samples_with_class.json')):
+            convert_labels.convert_dataset(kind, root, progress=False)
+    if time.time() - t > 1:
+        print0(f'demo data ready in {demo.root} ({time.time() - t:.0f} s)')
 
 
 def train(cfg, resume=None, command=''):
@@ -825,7 +844,7 @@ def benchmark(cfg, iters):
     rank, world, device = setup_distributed(cfg)
     try:
         seed_everything(cfg.train.seed + rank)
-        trainer = Trainer(cfg, device, rank, world, load_pretrained=False)  # random weights, same cost
+        trainer = Trainer(cfg, device, rank, world, random_init=True)  # random weights, same cost
         B, (H, W), K = cfg.data.batch_size, cfg.data.crop_size, cfg.model.num_classes
         gen = torch.Generator().manual_seed(0)
         batch = {'img': torch.randn(B, 3, H, W, generator=gen),

@@ -334,3 +334,14 @@ def test_amp_bf16_and_checkpointing_run():
     for opts in (['train.amp=bf16'], ['model.activation_checkpointing=true']):
         logs, _ = _losses_after_one_step(*opts)
         assert all(torch.isfinite(v) for v in logs.values())
+
+
+def test_imagenet_encoder_is_the_pretrained_file_also_on_resume(mit_b0_weights):
+    pretrained = torch.load(mit_b0_weights, weights_only=True)
+    for load_student in (True, False):  # a fresh start, and a resume (student from the checkpoint)
+        trainer = mic_train.Trainer(tiny_cfg(pretrained=mit_b0_weights), torch.device('cpu'),
+                                    load_pretrained=load_student)
+        for k, v in trainer.imnet.state_dict().items():
+            assert torch.equal(v, pretrained[k]), k
+        w = trainer.student.backbone.state_dict()['block1.0.attn.q.weight']
+        assert torch.equal(w, pretrained['block1.0.attn.q.weight']) == load_student
