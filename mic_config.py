@@ -54,7 +54,8 @@ class DecodeHeadConfig:
 @dataclass
 class HRDAConfig:
     scales: List[float] = _list(0.5, 1.0)  # [context scale, detail scale]; sorted ascending, detail must be 1
-    hr_crop_size: List[int] = _list(512, 512)  # detail crop (h, w) in training, and window of the detail sliding inference
+    # detail crop (h, w) in training, and the window of the detail sliding inference
+    hr_crop_size: List[int] = _list(512, 512)
     crop_coord_divisible: int = 8  # detail crop corner divisible by this (output stride 4 x context downscale 2)
     hr_loss_weight: float = 0.1  # weight of the detail-only loss; the fused loss gets 1 - hr - lr
     lr_loss_weight: float = 0.0  # weight of a context-only loss (the paper: 0 when the detail crop < input)
@@ -74,14 +75,15 @@ class TestConfig:
 
 @dataclass
 class ModelConfig:
-    type: Literal['hrda', 'encoder_decoder'] = 'hrda'  # HRDA multi-resolution, or DAFormer's plain single-scale segmentor
+    # HRDA multi-resolution, or DAFormer's plain single-scale segmentor
+    type: Literal['hrda', 'encoder_decoder'] = 'hrda'
     backbone: BackboneConfig = _section(BackboneConfig)
     decode_head: DecodeHeadConfig = _section(DecodeHeadConfig)
     hrda: HRDAConfig = _section(HRDAConfig)  # used when type == 'hrda'
     test: TestConfig = _section(TestConfig)
     num_classes: int = 19  # Cityscapes train ids 0..18
-    pretrained: Optional[str] = 'pretrained/mit_b5.pth'  # SegFormer ImageNet weights for the encoder; null = from scratch
-    activation_checkpointing: bool = False  # recompute encoder blocks in backward: much less memory, ~30% more time
+    pretrained: Optional[str] = 'pretrained/mit_b5.pth'  # SegFormer ImageNet weights of the encoder; null: scratch
+    activation_checkpointing: bool = False  # recompute encoder blocks in backward: less memory, more compute
 
 
 # --------------------------------------------------------------------------
@@ -97,9 +99,10 @@ class DatasetConfig:
     root: str = 'data/gta'  # dataset folder
     split: str = 'train'  # train / val / test (ignored by gta and synthia, which have one split)
     img_scale: List[int] = _list(2560, 1440)  # resize keeping the ratio to fit (long side, short side)
-    crop_pseudo_margins: Optional[List[int]] = None  # target only: [top, bottom, left, right] pixels of the resized image whose pseudo-labels get weight 0
+    # target only: [top, bottom, left, right] pixels of the resized image whose pseudo-labels get weight 0
+    crop_pseudo_margins: Optional[List[int]] = None
     img_suffix: str = '.png'  # folder only: image file suffix
-    label_suffix: Optional[str] = None  # folder only: label = image name with img_suffix replaced by this; null = no labels
+    label_suffix: Optional[str] = None  # folder only: label = image path with img_suffix -> this; null: none
 
 
 @dataclass
@@ -107,7 +110,8 @@ class RCSConfig:
     enabled: bool = True  # rare class sampling of the source images
     temperature: float = 0.01  # T in p_c = softmax((1 - f_c) / T)
     min_pixels: int = 3000  # a file is a candidate for class c if it holds more than this many pixels of c
-    min_crop_ratio: float = 2.0  # re-crop (up to 10 times) until the crop holds > min_pixels * this pixels of c (HRDA 2.0, DAFormer 0.5)
+    # re-crop (up to 10 times) until the crop holds > min_pixels * this pixels of c (HRDA 2.0, DAFormer 0.5)
+    min_crop_ratio: float = 2.0
 
 
 @dataclass

@@ -686,9 +686,11 @@ def _check_state_dict(model, sd, path, fmt):
     if not (missing or unexpected or wrong):
         return
     hints = []
-    if any(k.startswith('decode_head.head.') for k in sd) and not any(k.startswith('decode_head.head.') for k in own):
+    ckpt_hrda = any(k.startswith('decode_head.head.') for k in sd)
+    model_hrda = any(k.startswith('decode_head.head.') for k in own)
+    if ckpt_hrda and not model_hrda:
         hints.append('the checkpoint is an HRDA model: set model.type=hrda')
-    if any(k.startswith('decode_head.head.') for k in own) and sd and not any(k.startswith('decode_head.head.') for k in sd):
+    if model_hrda and sd and not ckpt_hrda:
         hints.append('the checkpoint is a single-scale model: set model.type=encoder_decoder')
     n_ckpt, n_own = _stage3_depth(sd), _stage3_depth(own)
     if n_ckpt and n_own and n_ckpt != n_own:

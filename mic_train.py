@@ -91,7 +91,8 @@ def class_mix_masks(labels, num_classes=19, ignore_index=mic_data.IGNORE_INDEX, 
     labels = labels.long()
     B = labels.shape[0]
     slot = torch.where(labels == ignore_index, num_classes, labels)  # ignore -> slot K
-    present = torch.bincount(slot.flatten(), minlength=num_classes + 1) > 0  # [K+1]
+    present = torch.zeros(num_classes + 1, dtype=torch.bool, device=labels.device)
+    present[slot.flatten()] = True  # [K+1]; (bincount would size its output from a host-synced max)
     n_choose = (present.sum() + 1) // 2  # ceil(n / 2)
     # A random subset of size ceil(n/2) of the present classes: rank the present classes by
     # uniform keys (absent ones last) and keep the first ceil(n/2), independently per sample.
@@ -119,8 +120,8 @@ def downscale_label_ratio(label, scale, min_ratio, num_classes, ignore_index=mic
     """Majority vote over scale x scale blocks of a label [B,1,H,W] -> [B,1,H/scale,W/scale].
 
     The majority class (the ignore label takes part as its own class) is kept where it covers
-    at least min_ratio of the block, else ignore_index. Counts per block via bincount instead
-    of a one-hot tensor of the full image.
+    at least min_ratio of the block, else ignore_index. Counts per block instead
+    of a one-hot tensor of the full image (scatter_add: no host synchronisation, unlike bincount).
     """
     B, C, H, W = label.shape
     h, w = H // scale, W // scale
@@ -129,8 +130,9 @@ def downscale_label_ratio(label, scale, min_ratio, num_classes, ignore_index=mic
     block = (torch.arange(h * scale, device=label.device) // scale)[:, None] * w \
         + (torch.arange(w * scale, device=label.device) // scale)[None, :]
     index = (torch.arange(B, device=label.device)[:, None, None] * (h * w) + block) * (num_classes + 1) + slot
-    counts = torch.bincount(index.flatten(), minlength=B * h * w * (num_classes + 1))
-    counts = counts.reshape(B, h, w, num_classes + 1)
+    index = index.flatten()
+    counts = torch.zeros(B * h * w * (num_classes + 1), dtype=torch.int64, device=label.device)
+    counts = counts.scatter_add_(0, index, torch.ones_like(index)).reshape(B, h, w, num_classes + 1)
     top, cls = counts.max(dim=-1)  # first maximum wins ties, like torch.max on the averaged one-hot
     cls = torch.where(cls == num_classes, ignore_index, cls)
     cls = torch.where(top < min_ratio * scale * scale, ignore_index, cls)
@@ -343,6 +345,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.student, cfg)
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == 'fp16')
+        # constants made on the device once: a host->device copy inside the step would wait for the GPU
+        self.fd_classes = torch.tensor(u.fd_classes, device=device)
         self.mean = torch.tensor(mic_data.IMG_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(mic_data.IMG_STD, device=device).view(1, 3, 1, 1)
         # The last backward pass of an iteration is the one that synchronises gradients (DDP).
@@ -407,7 +411,7 @@ class Trainer:
         def fd_loss(out):
             with torch.no_grad():
                 imnet_feats = self.imnet(self.student.fd_view(src))
-            fd = u.fd_lambda * feature_distance(out['features'], imnet_feats, gt, u.fd_classes, u.fd_min_ratio, K)
+            fd = u.fd_lambda * feature_distance(out['features'], imnet_feats, gt, self.fd_classes, u.fd_min_ratio, K)
             logs['source.loss_fd'] = fd.detach()
             return fd
         out = self._run_pass('source', src, gt, None, logs, return_feat=self.fd,
@@ -596,7 +600,8 @@ def check_work_dir(cfg, resume):
     try:
         old = torch.load(ckpt, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ConfigError(f'{ckpt} exists but cannot be read ({e}); delete it or choose another train.work_dir') from None
+        raise ConfigError(f'{ckpt} exists but cannot be read ({e}); delete it or choose another '
+                          'train.work_dir') from None
     if old.get('config') == to_plain(cfg) and old.get('iteration', 0) >= cfg.train.max_iters:
         return True
     what = 'the same config, stopped at iteration' if old.get('config') == to_plain(cfg) else \
@@ -634,7 +639,8 @@ def save_debug_grid(debug, path, mean, std, max_width=1536):
                ('target', lambda i: image(debug['target'][i]))]
     if 'pseudo_label' in debug:
         columns += [('pseudo', lambda i: label(debug['pseudo_label'][i])),
-                    ('mixed', lambda i: image(debug['mixed'][i])), ('mix label', lambda i: label(debug['mixed_label'][i])),
+                    ('mixed', lambda i: image(debug['mixed'][i])),
+                    ('mix label', lambda i: label(debug['mixed_label'][i])),
                     ('mix pred', lambda i: pred(debug['mix_pred'][i], size))]
     if 'masked' in debug:
         columns += [('masked', lambda i: image(debug['masked'][i])),
