@@ -538,17 +538,8 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def atomic_torch_save(obj, path):
-    tmp = f'{path}.tmp{os.getpid()}'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def atomic_write_text(path, text):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
+    mic_data.atomic_write(path, lambda f: f.write(text), mode='w')
 
 
 def git_commit():
@@ -750,12 +741,12 @@ def _train(cfg, resume, command, rank, world, device):
     def save(iteration):
         states = gather_rng_states()
         if is_main():
-            atomic_torch_save({**trainer.state_dict(), 'iteration': iteration, 'rng': states,
-                               'sampler': {'next_index': iteration * cfg.data.batch_size}, 'config': to_plain(cfg),
-                               'meta': {'command': command, 'git_commit': git_commit(), 'best_mIoU': best,
-                                        'time': datetime.datetime.now().isoformat(timespec='seconds'),
-                                        'torch': str(torch.__version__), 'world_size': world}},
-                              os.path.join(work_dir, 'latest.pth'))
+            checkpoint = {**trainer.state_dict(), 'iteration': iteration, 'rng': states,
+                          'sampler': {'next_index': iteration * cfg.data.batch_size}, 'config': to_plain(cfg),
+                          'meta': {'command': command, 'git_commit': git_commit(), 'best_mIoU': best,
+                                   'time': datetime.datetime.now().isoformat(timespec='seconds'),
+                                   'torch': str(torch.__version__), 'world_size': world}}
+            mic_data.atomic_write(os.path.join(work_dir, 'latest.pth'), lambda f: torch.save(checkpoint, f))
 
     def log(record):
         if is_main():
@@ -828,7 +819,7 @@ def _train(cfg, resume, command, rank, world, device):
     metrics = evaluate(max_iters, pred_dir=os.path.join(work_dir, 'preds') if is_main() else None)
     if is_main():
         final = {**metrics, 'checkpoint': os.path.join(work_dir, 'latest.pth')}
-        atomic_write_text(os.path.join(work_dir, 'metrics.json'), json.dumps(final, indent=2))
+        mic_data.save_json(os.path.join(work_dir, 'metrics.json'), final)
         print0(f'target mIoU after {max_iters} iterations: {metrics["mIoU"]:.2f} '
                f'(per class: {work_dir}/metrics.json, predictions: {work_dir}/preds)')
     return metrics

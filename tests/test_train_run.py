@@ -47,6 +47,9 @@ def test_run_folder_contents(demo_root, tmp_path):
                  'debug/000000.png', 'debug/000004.png'):
         assert os.path.isfile(os.path.join(work, name)), name
     assert len(os.listdir(os.path.join(work, 'preds'))) == 2
+    # every file was written through a temporary file that was renamed: nothing else is left
+    assert sorted(os.listdir(work)) == ['command.txt', 'config.yaml', 'debug', 'latest.pth', 'log.jsonl',
+                                        'metrics.json', 'preds']
     records = [json.loads(line) for line in open(os.path.join(work, 'log.jsonl'))]
     train = [r for r in records if 'eval' not in r]
     assert [r['iteration'] for r in train] == [2, 4, 6, 8]
