@@ -449,7 +449,7 @@ class HRDAHead(nn.Module):
         self.scale_attention = scale_attention
         self.fixed_attention = fixed_attention
 
-    def attention(self, context_feats, num_classes):
+    def attention(self, context_feats):
         if self.scale_attention is None:
             shape = (context_feats[0].shape[0], 1, *context_feats[0].shape[2:])
             return context_feats[0].new_full(shape, self.fixed_attention)
@@ -477,7 +477,6 @@ class HRDAEncoderDecoder(EncoderDecoder):
         if hrda_cfg['feature_scale'] != self.context_scale:
             raise ValueError('model.hrda.feature_scale must equal the context scale '
                              f'({self.context_scale}); got {hrda_cfg["feature_scale"]}')
-        self.num_classes = decode_head.head.conv_seg.out_channels
         # Input sizes must keep the context logits (stride 4 / scale) aligned with the detail logits.
         self.size_divisor = int(self.output_stride / self.context_scale)
 
@@ -527,7 +526,7 @@ class HRDAEncoderDecoder(EncoderDecoder):
         if pad_h or pad_w:
             img = F.pad(img, (0, pad_w, 0, pad_h))
         feats, context = self.context_logits(img)
-        att = self.decode_head.attention(feats, self.num_classes)
+        att = self.decode_head.attention(feats)
         if self.hr_slide_inference:
             detail = self.detail_logits_slide(img)
         else:
@@ -544,7 +543,7 @@ class HRDAEncoderDecoder(EncoderDecoder):
         box = tuple(hr_crop_box) if hr_crop_box is not None else self.random_crop_box(*img.shape[2:])
         y1, y2, x1, x2 = box
         feats, context = self.context_logits(img)
-        att = self.decode_head.attention(feats, self.num_classes)
+        att = self.decode_head.attention(feats)
         detail = self.decode_head.head(self.backbone(img[:, :, y1:y2, x1:x2]))
         fused, context_scaled = hrda_fuse(context, detail, att, box, self.output_stride, self.context_scale)
 
