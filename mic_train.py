@@ -700,17 +700,19 @@ def _train(cfg, resume, command, rank, world, device):
         ckpt_path = os.path.join(work_dir, 'latest.pth') if resume == 'auto' else resume
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f'--resume: checkpoint {ckpt_path} does not exist')
-    finished = check_work_dir(cfg, resume)
-    if finished:
+    if check_work_dir(cfg, resume):
         path = os.path.join(work_dir, 'metrics.json')
-        print0(f'{work_dir} already holds this config\'s finished run; its results: {path}. '
-               'Delete the folder or set train.work_dir to train again.')
         if os.path.exists(path):
+            print0(f'{work_dir} already holds this config\'s finished run; its results: {path}. '
+                   'Delete the folder or set train.work_dir to train again.')
             with open(path) as f:
                 metrics = json.load(f)
             print0(f'target mIoU: {metrics["mIoU"]:.2f}')
             return metrics
-        return None
+        # trained to the end, but stopped before the final evaluation wrote metrics.json
+        print0(f'{work_dir} holds this config\'s fully trained run without metrics.json; evaluating it')
+        resume = 'auto'
+        ckpt_path = os.path.join(work_dir, 'latest.pth')
     if is_main():
         os.makedirs(os.path.join(work_dir, 'debug'), exist_ok=True)
         ensure_demo_data(cfg)

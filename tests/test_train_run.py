@@ -64,6 +64,10 @@ def test_run_folder_contents(demo_root, tmp_path):
     assert mic_model.load_checkpoint(model, os.path.join(work, 'latest.pth'))['format'] == 'mic_train'
     # the same command again: the finished run is reported, not overwritten
     assert run(demo_root, work)['mIoU'] == metrics['mIoU']
+    # stopped after the last checkpoint but before metrics.json: the same command evaluates it
+    os.remove(os.path.join(work, 'metrics.json'))
+    assert run(demo_root, work)['mIoU'] == metrics['mIoU']
+    assert json.load(open(os.path.join(work, 'metrics.json')))['mIoU'] == metrics['mIoU']
     # another config in the same folder is refused
     with pytest.raises(SystemExit):
         run(demo_root, work, 'train.seed=5')
