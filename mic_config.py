@@ -124,6 +124,7 @@ class DemoConfig:
     num_val: int = 50  # target val images (with labels)
     width: int = 512  # image size in pixels
     height: int = 256
+    gap: float = 1.0  # strength of the domain gap: 0 = the target looks like the source, 1 = the shipped gap
 
 
 @dataclass
@@ -229,15 +230,30 @@ class AttrDict(dict):
         self[name] = value
 
     def __deepcopy__(self, memo):
-        return AttrDict({k: copy.deepcopy(v, memo) for k, v in self.items()})
+        out = AttrDict({k: copy.deepcopy(v, memo) for k, v in self.items()})
+        out.__dict__.update(self.__dict__)  # keeps the schema tag (see validated)
+        return out
 
 
-def to_attrdict(value):
+def to_attrdict(value, schema=None):
+    """AttrDicts of a (plain) tree. schema: the dataclass the tree was checked against; every node
+    that is a section gets tagged with its class, so that validated() knows it needs no second check."""
     if isinstance(value, dict):
-        return AttrDict({k: to_attrdict(v) for k, v in value.items()})
+        hints = typing.get_type_hints(schema) if schema is not None else {}
+        out = AttrDict({k: to_attrdict(v, hints.get(k) if dataclasses.is_dataclass(hints.get(k)) else None)
+                        for k, v in value.items()})
+        if schema is not None:
+            object.__setattr__(out, '_schema', schema)
+        return out
     if isinstance(value, list):
         return [to_attrdict(v) for v in value]
     return value
+
+
+def validated(value, schema):
+    """True when `value` came out of load_config / merge / resolve_section as a `schema` section:
+    build_model and the datasets then take it as it is instead of checking it again."""
+    return isinstance(value, AttrDict) and value.__dict__.get('_schema') is schema
 
 
 def to_plain(value):
@@ -334,9 +350,12 @@ def defaults(section=None):
 
 
 def resolve_section(name, values):
-    """Fill a partial section dict (e.g. a released model config) with defaults and validate it."""
+    """Fill a partial section dict (e.g. a released model config) with defaults and validate it.
+    A section of a config that load_config already validated is returned as it is."""
     cls = typing.get_type_hints(Config)[name]
-    return to_attrdict(_merge_section(cls, defaults(name), to_plain(values or {}), name))
+    if validated(values, cls):
+        return values
+    return to_attrdict(_merge_section(cls, defaults(name), to_plain(values or {}), name), cls)
 
 
 def parse_override(text):
@@ -361,7 +380,7 @@ def _nest(key, value):
 
 def merge(cfg, update):
     """Validate a (nested, partial) update and merge it into a full config dict."""
-    return to_attrdict(_merge_section(Config, to_plain(cfg), to_plain(update), ''))
+    return to_attrdict(_merge_section(Config, to_plain(cfg), to_plain(update), ''), Config)
 
 
 def load_config(path=None, overrides=()):
@@ -386,7 +405,7 @@ def load_config(path=None, overrides=()):
     for text in overrides:
         key, value = parse_override(text)
         cfg = _merge_section(Config, cfg, _nest(key, value), '')
-    return to_attrdict(cfg)
+    return to_attrdict(cfg, Config)
 
 
 def dump_yaml(cfg):

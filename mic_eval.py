@@ -64,6 +64,43 @@ class EvalError(Exception):
 
 
 # --------------------------------------------------------------------------
+# Distributed helpers (nanoGPT style; mic_train uses these too)
+# --------------------------------------------------------------------------
+
+def setup_distributed(device=None):
+    """(rank, world_size, device) from torchrun's environment variables.
+
+    Without RANK in the environment: (0, 1, device or cuda if available else cpu). Under torchrun the
+    process group is initialised (NCCL on GPUs, device from LOCAL_RANK; gloo on the CPU) unless it
+    already is. device: 'cpu', 'cuda' or None (cuda when available).
+    """
+    want = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if 'RANK' not in os.environ:
+        return 0, 1, torch.device(want)
+    local = int(os.environ.get('LOCAL_RANK', 0))
+    if str(want).startswith('cuda'):
+        torch.cuda.set_device(local)
+        dev = torch.device('cuda', local)
+        if not dist.is_initialized():
+            dist.init_process_group('nccl', device_id=dev)
+    else:
+        dev = torch.device('cpu')
+        if not dist.is_initialized():
+            dist.init_process_group('gloo')
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def is_main():
+    """True on rank 0, or when not distributed: the process that prints and writes files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+# --------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------
 
@@ -401,15 +438,7 @@ def evaluate(model, ds_cfg, num_classes=19, device=None, amp='none', pred_dir=No
 
 def read_stored_config(path):
     """The config stored in one of our checkpoints, or None (released checkpoints hold none)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path} does not exist')
-    try:  # mmap: only the small config is read, not the weights
-        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception:
-        try:
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f'could not read checkpoint {path}: {e}') from None
+    ckpt = mic_model.read_checkpoint(path, mmap=True)  # mapped: only the small config is read
     config = ckpt.get('config') if isinstance(ckpt, dict) else None
     return config if isinstance(config, dict) else None
 
@@ -481,26 +510,9 @@ def parse_args(argv=None):
     return args
 
 
-def _setup_distributed():
-    """(rank, world, device, we_initialised) from torchrun's environment variables (nanoGPT style)."""
-    use_cuda = torch.cuda.is_available()
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
-        local_rank = int(os.environ.get('LOCAL_RANK', 0))
-        device = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
-        if use_cuda:
-            torch.cuda.set_device(device)
-        initialised = False
-        if not dist.is_initialized():
-            dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
-            initialised = True
-        return dist.get_rank(), dist.get_world_size(), device, initialised
-    return 0, 1, torch.device('cuda' if use_cuda else 'cpu'), False
-
-
 def run(args, rank=0, world=1, device=None):
     """The CLI's work; returns the metrics dict (None when nothing was measured)."""
     device = device or torch.device('cpu')
-    print0 = print if rank == 0 else (lambda *a, **k: None)
     cfg, cfg_source = resolve_config(args.ckpt, args.cfg, args.opt, args.data_root, args.split)
     val = cfg['data']['val']
     if not args.images and val['split'] == 'test' and not args.format:
@@ -557,13 +569,13 @@ def run(args, rank=0, world=1, device=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device, initialised = _setup_distributed()
+    rank, world, device = setup_distributed()
     try:
         return run(args, rank, world, device)
     except (DataError, CheckpointError, ConfigError, EvalError, FileNotFoundError) as e:
         sys.exit(f'error: {e}')
     finally:
-        if initialised:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -608,14 +608,32 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _read_checkpoint(path):
+def read_checkpoint(path, mmap=False):
+    """The object stored in a checkpoint file, on the CPU, loaded as data only (weights_only: a
+    checkpoint never runs code). mmap: map the tensors instead of reading them (cheap when only the
+    config of a large file is wanted). Missing, foreign or damaged files raise a message that says
+    what is wrong and what to do."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint {path} does not exist')
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    # torch.save writes a zip archive ('PK'); files of torch < 1.6 start with a pickle opcode (0x80)
+    if not (head == b'PK' or head.startswith(b'\x80')):
+        raise CheckpointError(f'{path} is not a PyTorch checkpoint (it does not start like a file written by '
+                              f'torch.save): pass a .pth file written by mic_train.py (work_dirs/RUN/latest.pth), '
+                              f'a released MIC/HRDA/DAFormer checkpoint or SegFormer ImageNet weights (mit_b*.pth)')
     try:
-        # weights_only: a checkpoint is data, never code to run.
-        return torch.load(path, map_location='cpu', weights_only=True)
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            return torch.load(path, map_location='cpu', weights_only=True)  # the old format cannot be mapped
     except Exception as e:
-        raise CheckpointError(f'could not read checkpoint {path}: {e}') from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f'could not read checkpoint {path}: the file is truncated or damaged ({reason}). '
+                              f'Download or copy it again (a run\'s latest.pth is only ever replaced by a '
+                              f'complete file, so an interrupted copy or download is the usual cause)') from None
 
 
 def load_pretrained_encoder(backbone, path):
@@ -654,7 +672,7 @@ def load_checkpoint(model, path):
     Anything else that does not match raises CheckpointError naming the keys and shapes.
     Returns {'format', 'ignored': [keys dropped by name]}.
     """
-    sd, fmt = _extract_state_dict(_read_checkpoint(path), path)
+    sd, fmt = _extract_state_dict(read_checkpoint(path), path)
     target = model
     ignored = []
     if fmt == 'segformer_imagenet':

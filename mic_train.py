@@ -36,9 +36,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mic_data
+import mic_demo
 import mic_eval
 import mic_model
 from mic_config import ConfigError, dump_yaml, load_config, to_plain  # noqa: F401  (load_config is public API here)
+from mic_eval import is_main, print0, setup_distributed
 
 # --------------------------------------------------------------------------
 # Self-training helpers (public: tests and users rely on these names)
@@ -247,35 +249,6 @@ def strong_augment(img, jitter, blur, strength, mean, std):
     if blur:
         img = gaussian_blur(img, 0.15 + float(torch.rand(())))
     return img
-
-
-# --------------------------------------------------------------------------
-# Distributed helpers
-# --------------------------------------------------------------------------
-
-def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print0(*args, **kwargs):
-    if is_main():
-        print(*args, **kwargs, flush=True)
-
-
-def setup_distributed(cfg):
-    """(rank, world_size, device): torchrun env vars, device from LOCAL_RANK, NCCL on GPUs, gloo on CPU."""
-    want = cfg.train.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if 'RANK' not in os.environ:
-        return 0, 1, torch.device(want)
-    rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
-    if want.startswith('cuda'):
-        torch.cuda.set_device(local)
-        device = torch.device('cuda', local)
-        dist.init_process_group('nccl', device_id=device)
-    else:
-        device = torch.device('cpu')
-        dist.init_process_group('gloo')
-    return rank, world, device
 
 
 # --------------------------------------------------------------------------
@@ -589,10 +562,9 @@ def check_work_dir(cfg, resume):
     if resume or not os.path.exists(ckpt):
         return False
     try:
-        old = torch.load(ckpt, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ConfigError(f'{ckpt} exists but cannot be read ({e}); delete it or choose another '
-                          'train.work_dir') from None
+        old = mic_model.read_checkpoint(ckpt, mmap=True)
+    except mic_model.CheckpointError as e:
+        raise ConfigError(f'{e}\n{ckpt} is in the run folder: delete it or choose another train.work_dir') from None
     if old.get('config') == to_plain(cfg) and old.get('iteration', 0) >= cfg.train.max_iters:
         return True
     what = 'the same config, stopped at iteration' if old.get('config') == to_plain(cfg) else \
@@ -653,38 +625,8 @@ def save_debug_grid(debug, path, mean, std, max_width=1536):
 # Main loop
 # --------------------------------------------------------------------------
 
-def ensure_demo_data(cfg):
-    """Generate and convert the synthetic demo benchmark when the config asks for it and it is missing.
-
-    make_demo writes demo_info.json last and the conversion is idempotent, so an interrupted
-    preparation is completed on the next start; a folder generated with other settings is refused.
-    """
-    demo = cfg.data.demo
-    if not demo.enabled:
-        return
-    import convert_labels
-    wanted = {k: demo[k] for k in ('seed', 'num_source', 'num_target', 'num_val', 'width', 'height')}
-    info_path = os.path.join(demo.root, 'demo_info.json')
-    t = time.time()
-    if os.path.exists(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
-        if {k: info.get(k) for k in wanted} != wanted:
-            raise ConfigError(f'{demo.root} holds demo data generated with {info}, but the config asks for '
-                              f'{wanted}: delete {demo.root} or set data.demo.root to another folder')
-    else:
-        print0(f'generating the demo benchmark in {demo.root} (seed {demo.seed}) ...')
-        mic_data.make_demo(demo.root, **wanted)
-    for kind, sub in (('gta', 'gta'), ('cityscapes', 'cityscapes')):
-        root = os.path.join(demo.root, sub)
-        if not os.path.exists(os.path.join(root, 'samples_with_class.json')):
-            convert_labels.convert_dataset(kind, root, progress=False)
-    if time.time() - t > 1:
-        print0(f'demo data ready in {demo.root} ({time.time() - t:.0f} s)')
-
-
 def train(cfg, resume=None, command=''):
-    rank, world, device = setup_distributed(cfg)
+    rank, world, device = setup_distributed(cfg.train.device)
     try:
         return _train(cfg, resume, command, rank, world, device)
     finally:
@@ -715,7 +657,8 @@ def _train(cfg, resume, command, rank, world, device):
         ckpt_path = os.path.join(work_dir, 'latest.pth')
     if is_main():
         os.makedirs(os.path.join(work_dir, 'debug'), exist_ok=True)
-        ensure_demo_data(cfg)
+        if cfg.data.demo.enabled:
+            mic_demo.ensure_demo_data(cfg.data.demo, log=print0)
     if dist.is_initialized():
         dist.barrier()
 
@@ -724,7 +667,7 @@ def _train(cfg, resume, command, rank, world, device):
     start = 0
     ckpt = None
     if ckpt_path:
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        ckpt = mic_model.read_checkpoint(ckpt_path)
         old = architecture(ckpt['config']['model'])
         if old != architecture(cfg.model):
             raise ConfigError(f'refusing to resume {ckpt_path}: it was trained with model {old}, '
@@ -840,7 +783,7 @@ def _check_finite(iteration, logs):
 # --------------------------------------------------------------------------
 
 def benchmark(cfg, iters):
-    rank, world, device = setup_distributed(cfg)
+    rank, world, device = setup_distributed(cfg.train.device)
     try:
         seed_everything(cfg.train.seed + rank)
         trainer = Trainer(cfg, device, rank, world, random_init=True)  # random weights, same cost

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import convert_labels  # noqa: E402
 import mic_config  # noqa: E402
 import mic_data  # noqa: E402
+import mic_demo  # noqa: E402
 
 GTA_SIZE = (1052, 1914)  # (h, w) of the GTA images
 CITYSCAPES_SIZE = (1024, 2048)
@@ -36,11 +37,11 @@ def write_dataset(root, n, seed=0):
     for folder in ('gta/images', 'gta/labels', *(f'cityscapes/leftImg8bit/train/{c}' for c in cities)):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
     for i in range(n):
-        img, label = mic_data.demo_sample(seed, 0, i, *GTA_SIZE)
+        img, label = mic_demo.demo_sample(seed, 0, i, *GTA_SIZE)
         mic_data.save_png(os.path.join(root, 'gta', 'images', f'{i:05d}.png'), img)
         mic_data.save_png(os.path.join(root, 'gta', 'labels', f'{i:05d}.png'), label, mode='P',
                           palette=mic_data._gta_palette())
-        img, _ = mic_data.demo_sample(seed, 1, i, *CITYSCAPES_SIZE)
+        img, _ = mic_demo.demo_sample(seed, 1, i, *CITYSCAPES_SIZE)
         city = cities[i % 2]
         mic_data.save_png(os.path.join(root, 'cityscapes', 'leftImg8bit', 'train', city,
                                        f'{city}_{i:06d}_000019_leftImg8bit.png'), img)

@@ -1,14 +1,15 @@
-"""The synthetic demo benchmark: real formats, determinism, class coverage, speed, and a real domain gap."""
+"""The synthetic demo benchmark: real formats, determinism, class coverage and a real domain gap.
+(Its speed is a benchmark, not a test: BENCHMARKS.md.)"""
 import json
 import os
-import time
 
 import numpy as np
 from PIL import Image
 
-import mic_data
+import mic_demo
 from convert_labels import convert_dataset
-from mic_data import EvalDataset, UDADataset, demo_sample, list_samples, make_demo
+from mic_data import EvalDataset, UDADataset, list_samples
+from mic_demo import demo_sample, make_demo
 
 CS_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
           27: 14, 28: 15, 31: 16, 32: 17, 33: 18}  # Cityscapes label id -> train id
@@ -86,15 +87,7 @@ def test_demo_class_coverage():
     assert 1 in seen[1] and 1 not in seen[0]  # only the target camera sees its hood
 
 
-def test_demo_speed():
-    start = time.perf_counter()
-    for i in range(10):
-        demo_sample(0, i % 2, i, 256, 512)
-    per_image = (time.perf_counter() - start) / 10
-    assert per_image < 0.25, f'{per_image:.3f} s per 512 x 256 image'  # ~0.05 s on one slow core
-
-
-def _pixels(domain, indices, gap=mic_data.DEMO_GAP, h=64, w=128):
+def _pixels(domain, indices, gap=mic_demo.DEMO_GAP, h=64, w=128):
     """Images float [n,h,w,3] and train-id labels [n,h,w] of demo samples."""
     imgs, labels = zip(*(demo_sample(0, domain, i, h, w, gap) for i in indices))
     return np.stack(imgs).astype(np.float64), LUT[np.stack(labels)]

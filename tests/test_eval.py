@@ -505,7 +505,7 @@ def setup(tmp_path_factory):
 
 @pytest.mark.parametrize('argv,message', [
     (['--ckpt', '{r}/missing.pth'], 'error: checkpoint {r}/missing.pth does not exist'),
-    (['--ckpt', '{r}/garbage.pth'], 'error: could not read checkpoint'),
+    (['--ckpt', '{r}/garbage.pth'], 'error: {r}/garbage.pth is not a PyTorch checkpoint'),
     (['--ckpt', '{r}/released.pth'], 'holds no config (a released MIC checkpoint?): pass the config'),
     (['--ckpt', '{r}/ours.pth', '--cfg', '{r}/hrda.yaml'], 'does not match the model'),
     (['--ckpt', '{r}/ours.pth', '--cfg', '{r}/nope.yaml'], 'config file {r}/nope.yaml does not exist'),

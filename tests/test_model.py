@@ -419,5 +419,10 @@ def test_missing_files_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r'SegFormer.*model.pretrained=null'):
         build_model(tiny_cfg(pretrained=str(tmp_path / 'mit_b5.pth')), load_pretrained=True)
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
-    with pytest.raises(CheckpointError, match='could not read'):
+    with pytest.raises(CheckpointError, match='is not a PyTorch checkpoint'):
         load_checkpoint(build_model(tiny_cfg()), str(tmp_path / 'junk.pth'))
+    model = build_model(tiny_cfg())
+    torch.save({'state_dict': model.state_dict()}, tmp_path / 'whole.pth')
+    (tmp_path / 'cut.pth').write_bytes((tmp_path / 'whole.pth').read_bytes()[:5000])  # an interrupted copy
+    with pytest.raises(CheckpointError, match='truncated or damaged.*Download or copy it again'):
+        load_checkpoint(model, str(tmp_path / 'cut.pth'))
