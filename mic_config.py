@@ -176,9 +176,11 @@ class UDAConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 6e-5  # AdamW learning rate of the encoder
+    type: Literal['adamw', 'sgd'] = 'adamw'  # the segmentor's optimizer (Table 1's AdvSeg/MinEnt runs: sgd)
+    lr: float = 6e-5  # learning rate of the encoder
     head_lr_mult: float = 10.0  # decoder learning rate = lr * this
-    betas: List[float] = _list(0.9, 0.999)
+    betas: List[float] = _list(0.9, 0.999)  # adamw only
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 0.01  # 0 for the encoder's norm layers
     warmup_iters: int = 1500  # linear warm-up ...
     warmup_ratio: float = 1e-6  # ... starting at lr * this

@@ -651,7 +651,9 @@ def _extract_state_dict(ckpt, path):
     """(state_dict, format name) of the three supported checkpoint layouts."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'{path} is not a checkpoint dict (got {type(ckpt).__name__})')
-    if 'student' in ckpt:  # ours (mic_train.py)
+    if isinstance(ckpt.get('modules'), dict) and 'student' in ckpt['modules']:  # ours (mic_train.py)
+        return ckpt['modules']['student'], 'mic_train'
+    if 'student' in ckpt:  # ours, written before the trainer kept its modules in one dict
         return ckpt['student'], 'mic_train'
     sd = ckpt.get('state_dict', ckpt.get('model', ckpt))
     if not isinstance(sd, dict):

@@ -29,6 +29,8 @@ import statistics
 import subprocess
 import sys
 import time
+import types
+from typing import Callable, NamedTuple, Tuple
 
 import numpy as np
 import torch
@@ -252,7 +254,120 @@ def strong_augment(img, jitter, blur, strength, mean, std):
 
 
 # --------------------------------------------------------------------------
-# The trainer: models, optimizer and one iteration
+# The iteration as a list of passes
+# --------------------------------------------------------------------------
+# A pass is one function (trainer, state) -> loss: it runs the models it needs, fills state.logs
+# (detached values) and state.debug, and returns the scalar to backpropagate (or None). The
+# iteration runs the method's passes in order and backpropagates each loss at once, so every
+# pass's graph is freed before the next; the gradients of all passes add up to one optimizer
+# step. Under DDP each trained module synchronises its gradients in the last pass (by position)
+# that runs it. A new method is one pass function and one METHODS entry.
+
+class Pass(NamedTuple):
+    run: Callable  # (trainer, state) -> loss tensor or None
+    trains: Tuple[str, ...] = ('student',)  # the trained modules whose gradients this pass produces
+
+
+class StepState(types.SimpleNamespace):
+    """What the passes of one iteration share: the batch, the iteration, the logs, the debug tensors
+    (None unless a debug grid is wanted) and what earlier passes produced (e.g. pseudo-labels)."""
+
+
+def source_pass(t, s):
+    """Supervised loss on the source crops, plus the ImageNet feature distance on thing classes."""
+    u = t.cfg.uda
+    out = t.forward('student', s.src, s.gt, return_feat=t.fd)
+    loss = t.sum_losses(out, 'source', s.logs)
+    if t.fd:
+        with torch.no_grad(), t.autocast():
+            imnet_feats = t.imnet(t.student.fd_view(s.src))
+        fd = u.fd_lambda * feature_distance(out['features'], imnet_feats, s.gt, t.fd_classes, u.fd_min_ratio,
+                                            t.num_classes)
+        s.logs['source.loss_fd'] = fd.detach()
+        loss = loss + fd
+    return loss
+
+
+def mix_pass(t, s):
+    """DACS: the teacher's pseudo-labels of the target, ClassMix of source and target, strong
+    augmentation, and the student's loss on the mixed images."""
+    u = t.cfg.uda
+    s.plabel, s.pweight = t.pseudo_labels('teacher', s.tgt, s.valid, u.pseudo_threshold)
+    # the confidence share: the weight's value wherever the margins leave it alone
+    s.logs['pseudo_ratio'] = s.pweight.amax(dim=(1, 2)).mean()
+    masks = class_mix_masks(s.gt, t.num_classes)
+    mixed_img = mix(masks, s.src, s.tgt)
+    mixed_lbl = mix(masks, s.gt, s.plabel[:, None])
+    mixed_w = mix(masks[:, 0], torch.ones_like(s.pweight), s.pweight)
+    # whether to jitter / blur is decided once per iteration, the draws are per image
+    jitter, blur = augmentation_switches(u, blur=u.blur)
+    mixed_img = torch.cat([strong_augment(mixed_img[i:i + 1], jitter, blur, u.color_jitter_strength, t.mean, t.std)
+                           for i in range(s.B)])
+    out = t.forward('student', mixed_img, mixed_lbl, seg_weight=mixed_w, return_logits=s.debug is not None)
+    if s.debug is not None:
+        s.debug.update(pseudo_label=s.plabel, mixed=mixed_img, mixed_label=mixed_lbl, mix_pred=out['logits'].detach())
+    return t.sum_losses(out, 'mix', s.logs)
+
+
+def masked_pass(t, s):
+    """MIC: predict pseudo-labels (or source labels) from patch-masked images (uda.mask_mode)."""
+    u = t.cfg.uda
+    img, lbl, weight = mic_inputs(t, s)
+    if 'aug' in u.mask_mode:
+        jitter, blur = augmentation_switches(u, blur=True)
+        img = strong_augment(img, jitter, blur, u.color_jitter_strength, t.mean, t.std)
+    img = img * block_mask(s.B, s.H, s.W, u.mask_ratio, u.mask_block_size, device=img.device)
+    out = t.forward('student', img, lbl, seg_weight=weight, return_logits=s.debug is not None)
+    if s.debug is not None:
+        s.debug.update(masked=img, masked_pred=out['logits'].detach())
+    # MIC's weight scales the fused loss only, as in the original (mask_lambda = 1 by default)
+    return t.sum_losses(out, 'masked', s.logs, scale={'loss_seg': u.mask_lambda})
+
+
+def mic_inputs(t, s):
+    """Images, labels and weights of the masked pass for uda.mask_mode: the MIC teacher's
+    pseudo-labels if there is one, else those of the mix pass; source images in source-only training."""
+    mode, B = t.cfg.uda.mask_mode, s.B
+    plabel, pweight = s.plabel, s.pweight
+    if 'mic_teacher' in t.modules:
+        plabel, pweight = t.pseudo_labels('mic_teacher', s.tgt, s.valid, t.mic_threshold)
+    if plabel is None or mode in ('separatesrc', 'separatesrcaug'):
+        return s.src, s.gt, None
+    if mode in ('separatetrg', 'separatetrgaug'):
+        return s.tgt, plabel[:, None], pweight
+    # 'separate' / 'separateaug': half source (labels, weight 1), half target (pseudo-labels)
+    h = B // 2
+    img = torch.cat([s.src[:h], s.tgt[:B - h]])
+    lbl = torch.cat([s.gt[:h], plabel[:B - h, None]])
+    weight = torch.cat([torch.ones_like(pweight[:h]), pweight[:B - h]])
+    return img, lbl, weight
+
+
+def augmentation_switches(u, blur):
+    """DACS's per-iteration decisions: (colour jitter?, Gaussian blur?)."""
+    jitter = float(torch.rand(())) > u.color_jitter_probability
+    return jitter, blur and float(torch.rand(())) > 0.5
+
+
+METHODS = {  # uda.mode -> its passes; 'masked' (MIC) runs only when uda.mask_mode is set
+    'source_only': ('source', 'masked'),
+    'dacs': ('source', 'mix', 'masked'),
+}
+PASSES = {
+    'source': Pass(source_pass),
+    'mix': Pass(mix_pass),
+    'masked': Pass(masked_pass),
+}
+
+
+def method_passes(cfg):
+    """[(name, Pass)] of the configured method, in order."""
+    names = [n for n in METHODS[cfg.uda.mode] if n != 'masked' or cfg.uda.mask_mode is not None]
+    return [(n, PASSES[n]) for n in names]
+
+
+# --------------------------------------------------------------------------
+# The trainer: the stateful modules, their optimizers and one iteration
 # --------------------------------------------------------------------------
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -263,74 +378,98 @@ class NonFiniteLossError(RuntimeError):
 
 
 def build_optimizer(model, cfg):
-    """AdamW: encoder lr / weight decay (0 for its norm layers), decoder lr x head_lr_mult."""
+    """The segmentor's optimizer (optim.type): encoder lr and weight decay (0 for the parameters the
+    encoder names in no_weight_decay_keys, e.g. MiT's norm layers), decoder lr x optim.head_lr_mult."""
     o = cfg.optim
-    enc_decay, enc_norm, head = [], [], []
+    no_decay_keys = getattr(model.backbone, 'no_weight_decay_keys', ('norm',))
+    enc_decay, enc_no_decay, head = [], [], []
     for name, p in model.named_parameters():
         if name.startswith('decode_head.'):
             head.append(p)
-        elif 'norm' in name:
-            enc_norm.append(p)
+        elif any(k in name for k in no_decay_keys):
+            enc_no_decay.append(p)
         else:
             enc_decay.append(p)
     groups = [dict(params=enc_decay, lr_mult=1.0, weight_decay=o.weight_decay),
-              dict(params=enc_norm, lr_mult=1.0, weight_decay=0.0),
+              dict(params=enc_no_decay, lr_mult=1.0, weight_decay=0.0),
               dict(params=head, lr_mult=o.head_lr_mult, weight_decay=o.weight_decay)]
-    return torch.optim.AdamW([g for g in groups if g['params']], lr=o.lr, betas=tuple(o.betas))
+    groups = [g for g in groups if g['params']]
+    if o.type == 'sgd':
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
 
 
 class Trainer:
-    """Student, EMA teacher(s), frozen ImageNet encoder and optimizer; `step` runs one iteration."""
+    """The stateful modules of a method (student, EMA teacher(s), ...) and their optimizers;
+    `step` runs one iteration.
+
+    modules: name -> nn.Module, everything checkpointing and resume save and restore.
+    optimizers: name -> optimizer of the trained modules (a subset of modules); under DDP those
+        modules run wrapped (self.wrapped) and synchronise in the last pass that trains them.
+    ema: teacher name -> momentum; teachers follow the student before every iteration.
+    The frozen ImageNet encoder (self.imnet) is not saved: it always holds the pretrained file.
+    """
 
     def __init__(self, cfg, device, rank=0, world=1, load_pretrained=True, random_init=False):
         """load_pretrained: initialise the student's encoder from model.pretrained (not on resume).
         random_init: no weights from files at all (--benchmark): the frozen ImageNet encoder too."""
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         u = cfg.uda
-        self.dacs = u.mode == 'dacs'
+        self.passes = method_passes(cfg)
+        names = [n for n, _ in self.passes]
         self.fd = u.fd_lambda > 0
-        self.mic = u.mask_mode is not None
         if self.fd and not cfg.model.pretrained:
             raise ConfigError('uda.fd_lambda > 0 compares features with the ImageNet encoder, which needs '
                               'model.pretrained; set uda.fd_lambda=0 to train without the feature distance')
-        self.student = mic_model.build_model(cfg.model, load_pretrained=load_pretrained and not random_init)
-        self.student.to(device)
+        student = mic_model.build_model(cfg.model, load_pretrained=load_pretrained and not random_init)
+        self.modules = {'student': student.to(device)}
         self.num_classes = cfg.model.num_classes
-        self.teacher = self._frozen_copy(train_mode=True) if self.dacs else None
+        self.ema = {}
+        if 'mix' in names:
+            self.modules['teacher'] = self._frozen_copy()
+            self.ema['teacher'] = u.alpha
         separate = u.mask_alpha != 'same' or u.mask_pseudo_threshold != 'same'
-        self.mic_teacher = self._frozen_copy(train_mode=True) if (self.mic and self.dacs and separate) else None
-        self.mic_alpha = u.alpha if u.mask_alpha == 'same' else u.mask_alpha
+        if 'masked' in names and 'teacher' in self.ema and separate:
+            self.modules['mic_teacher'] = self._frozen_copy()
+            self.ema['mic_teacher'] = u.alpha if u.mask_alpha == 'same' else u.mask_alpha
         self.mic_threshold = u.pseudo_threshold if u.mask_pseudo_threshold == 'same' else u.mask_pseudo_threshold
         self.imnet = None
         if self.fd:  # the frozen ImageNet encoder: always the pretrained file's weights (also on resume)
-            self.imnet = copy.deepcopy(self.student.backbone)  # the architecture (a copy draws no random numbers)
+            self.imnet = copy.deepcopy(student.backbone)  # the architecture (a copy draws no random numbers)
             if not random_init:
                 mic_model.load_pretrained_encoder(self.imnet, cfg.model.pretrained)
             self.imnet.to(device).eval()
             for p in self.imnet.parameters():
                 p.requires_grad_(False)
         if cfg.train.compile:
-            self.student.backbone.compile()
-        self.model = self.student
+            student.backbone.compile()
+        self.optimizers = {'student': build_optimizer(student, cfg)}
+        self.lr_schedules = {'student': lambda it: lr_at(it, cfg)}
+        self.wrapped = {name: self.modules[name] for name in self.optimizers}
         if world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
-        self.optimizer = build_optimizer(self.student, cfg)
+            ids = [device.index] if device.type == 'cuda' else None
+            self.wrapped = {name: torch.nn.parallel.DistributedDataParallel(m, device_ids=ids, broadcast_buffers=False)
+                            for name, m in self.wrapped.items()}
+        # each trained module synchronises its gradients (DDP) in the last pass that trains it
+        self.last_pass = {m: max(i for i, (_, p) in enumerate(self.passes) if m in p.trains)
+                          for m in self.optimizers if any(m in p.trains for _, p in self.passes)}
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == 'fp16')
         # constants made on the device once: a host->device copy inside the step would wait for the GPU
         self.fd_classes = torch.tensor(u.fd_classes, device=device)
         self.mean = torch.tensor(mic_data.IMG_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(mic_data.IMG_STD, device=device).view(1, 3, 1, 1)
-        # The last backward pass of an iteration is the one that synchronises gradients (DDP).
-        self.last_pass = 'masked' if self.mic else ('mix' if self.dacs else 'source')
         self.debug = None  # tensors of the last iteration, kept only when asked for (debug images)
 
-    def _frozen_copy(self, train_mode):
+    @property
+    def student(self):
+        return self.modules['student']
+
+    def _frozen_copy(self):
         m = copy.deepcopy(self.student)
         for p in m.parameters():
             p.requires_grad_(False)
-        m.train(train_mode)
+        m.train(True)
         mic_model.set_dropout(m, False)  # teachers: no dropout / drop path, BN on batch statistics
         return m
 
@@ -339,148 +478,93 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _run_pass(self, name, img, label, weight, logs, loss_scale=1.0, extra_loss=None, **kw):
-        """Forward (through DDP) + backward of one of the iteration's losses.
+    # -- what passes call ------------------------------------------------------
+    def forward(self, name, img, label, **kw):
+        """Training forward of a trained module (through DDP when distributed) under autocast."""
+        with self.autocast():
+            return self.wrapped[name](img, label, **kw)
 
-        DDP synchronises gradients on the iteration's last pass only: the earlier passes run
-        forward and backward inside no_sync() and their gradients are summed into it.
-        extra_loss(out) adds a term computed from the outputs (the feature distance).
-        Returns the outputs (losses detached into `logs`).
-        """
-        sync = name == self.last_pass or self.world == 1
-        with contextlib.nullcontext() if sync else self.model.no_sync():
-            with self.autocast():
-                out = self.model(img, label, seg_weight=weight, **kw)
-                loss = self._sum_losses(out, name, logs, loss_scale)
-                if extra_loss is not None:
-                    loss = loss + extra_loss(out)
-            self.scaler.scale(loss).backward()
-        return out
+    def pseudo_labels(self, teacher, img, valid, threshold):
+        """(pseudo-label [B,H,W], weight [B,H,W]) of a teacher on target images (no gradients)."""
+        u = self.cfg.uda
+        with torch.no_grad(), self.autocast():
+            logits = self.modules[teacher].encode_decode(img)
+        return pseudo_label_and_weight(logits, threshold, valid, u.pseudo_weight_ignore_top,
+                                       u.pseudo_weight_ignore_bottom)
 
-    def set_lr(self, iteration):
-        lr = lr_at(iteration, self.cfg)
-        for g in self.optimizer.param_groups:
-            g['lr'] = lr * g['lr_mult']
-        return lr
-
-    def step(self, batch, iteration, keep_debug=False):
-        """One training iteration. Returns a dict of detached scalar tensors (losses, lr, pseudo ratio)."""
-        u, K = self.cfg.uda, self.num_classes
-        src, gt = batch['img'], batch['gt'].long()
-        tgt, valid = batch['target_img'], batch['valid_pseudo_mask']
-        B, _, H, W = src.shape
-        logs = {}
-
-        # 1. Teacher(s) follow the student (before this iteration's update).
-        if self.teacher is not None:
-            ema_update(self.teacher, self.student, iteration, u.alpha)
-        if self.mic_teacher is not None:
-            ema_update(self.mic_teacher, self.student, iteration, self.mic_alpha)
-        logs['lr'] = torch.tensor(self.set_lr(iteration))
-        self.optimizer.zero_grad(set_to_none=True)
-        debug = {'source': src, 'source_gt': gt, 'target': tgt} if keep_debug else None
-
-        # 2./3. Source loss, plus the ImageNet feature distance on thing classes.
-        def fd_loss(out):
-            with torch.no_grad():
-                imnet_feats = self.imnet(self.student.fd_view(src))
-            fd = u.fd_lambda * feature_distance(out['features'], imnet_feats, gt, self.fd_classes, u.fd_min_ratio, K)
-            logs['source.loss_fd'] = fd.detach()
-            return fd
-        out = self._run_pass('source', src, gt, None, logs, return_feat=self.fd,
-                             extra_loss=fd_loss if self.fd else None)
-        del out
-
-        plabel = pweight = None
-        if self.dacs:
-            # 4. Pseudo-labels from the teacher (dropout off, BN on batch statistics).
-            with torch.no_grad(), self.autocast():
-                t_logits = self.teacher.encode_decode(tgt)
-            plabel, pweight = pseudo_label_and_weight(t_logits, u.pseudo_threshold, valid,
-                                                      u.pseudo_weight_ignore_top, u.pseudo_weight_ignore_bottom)
-            del t_logits
-            # the confidence share: the weight's value wherever the margins leave it alone
-            logs['pseudo_ratio'] = pweight.amax(dim=(1, 2)).mean()
-
-            # 5. ClassMix: the source pixels of half the batch's classes pasted onto the target.
-            masks = class_mix_masks(gt, K)
-            mixed_img = mix(masks, src, tgt)
-            mixed_lbl = mix(masks, gt, plabel[:, None])
-            mixed_w = mix(masks[:, 0], torch.ones_like(pweight), pweight)
-            # 6. Strong augmentation: whether to jitter/blur is decided once, the draws are per image.
-            jitter = float(torch.rand(())) > u.color_jitter_probability
-            blur = u.blur and float(torch.rand(())) > 0.5
-            mixed_img = torch.cat([strong_augment(mixed_img[i:i + 1], jitter, blur, u.color_jitter_strength,
-                                                  self.mean, self.std) for i in range(B)])
-            out = self._run_pass('mix', mixed_img, mixed_lbl, mixed_w, logs, return_logits=keep_debug)
-            if keep_debug:
-                debug.update(pseudo_label=plabel, mixed=mixed_img, mixed_label=mixed_lbl,
-                             mix_pred=out['logits'].detach())
-            del out, mixed_img
-
-        # 7. Masked image consistency: predict the pseudo-labels from a patch-masked image.
-        if self.mic:
-            m_img, m_lbl, m_w = self._mic_inputs(src, gt, tgt, valid, plabel, pweight)
-            if 'aug' in u.mask_mode:
-                jitter = float(torch.rand(())) > u.color_jitter_probability
-                m_img = strong_augment(m_img, jitter, float(torch.rand(())) > 0.5, u.color_jitter_strength,
-                                       self.mean, self.std)
-            m_img = m_img * block_mask(B, H, W, u.mask_ratio, u.mask_block_size, device=src.device)
-            out = self._run_pass('masked', m_img, m_lbl, m_w, logs, loss_scale=u.mask_lambda,
-                                 return_logits=keep_debug)
-            if keep_debug:
-                debug.update(masked=m_img, masked_pred=out['logits'].detach())
-            del out, m_img
-
-        # 8. One optimizer step over the summed gradients.
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.debug = debug
-        return logs
-
-    def _sum_losses(self, out, prefix, logs, scale=1.0):
+    def sum_losses(self, out, prefix, logs, scale=None):
+        """The sum of the 'loss_*' entries of a forward's outputs (each times scale.get(key, 1));
+        each term is logged as '<prefix>.<key>'."""
         loss = 0
         for k, v in out.items():
             if k.startswith('loss_'):
-                # MIC's weight scales the fused loss only, as in the original (mask_lambda = 1 by default).
-                v = v * scale if k == 'loss_seg' else v
+                if scale and k in scale:
+                    v = v * scale[k]
                 logs[f'{prefix}.{k}'] = v.detach()
                 loss = loss + v
         return loss
 
-    def _mic_inputs(self, src, gt, tgt, valid, plabel, pweight):
-        """Images, labels and weights of the masked pass for uda.mask_mode."""
-        u, mode, B = self.cfg.uda, self.cfg.uda.mask_mode, src.shape[0]
-        if self.mic_teacher is not None:
-            with torch.no_grad(), self.autocast():
-                logits = self.mic_teacher.encode_decode(tgt)
-            plabel, pweight = pseudo_label_and_weight(logits, self.mic_threshold, valid,
-                                                      u.pseudo_weight_ignore_top, u.pseudo_weight_ignore_bottom)
-        if not self.dacs or mode in ('separatesrc', 'separatesrcaug'):
-            return src, gt, None
-        if mode in ('separatetrg', 'separatetrgaug'):
-            return tgt, plabel[:, None], pweight
-        # 'separate' / 'separateaug': half source (labels, weight 1), half target (pseudo-labels).
-        h = B // 2
-        img = torch.cat([src[:h], tgt[:B - h]])
-        lbl = torch.cat([gt[:h], plabel[:B - h, None]])
-        w = torch.cat([torch.ones_like(pweight[:h]), pweight[:B - h]])
-        return img, lbl, w
+    def set_lr(self, iteration):
+        for name, opt in self.optimizers.items():
+            lr = self.lr_schedules[name](iteration)
+            for g in opt.param_groups:
+                g['lr'] = lr * g.get('lr_mult', 1.0)
+        return self.lr_schedules['student'](iteration)
 
-    # -- checkpoints ---------------------------------------------------------
+    def _sync_context(self, index, trains):
+        """no_sync() of every wrapped module this pass trains, unless this is its last pass."""
+        stack = contextlib.ExitStack()
+        if self.world > 1:
+            for name in trains:
+                if index != self.last_pass[name]:
+                    stack.enter_context(self.wrapped[name].no_sync())
+        return stack
+
+    # -- the iteration -----------------------------------------------------------
+    def step(self, batch, iteration, keep_debug=False):
+        """One training iteration. Returns a dict of detached scalar tensors (losses, lr, pseudo ratio)."""
+        src, tgt = batch['img'], batch['target_img']
+        s = StepState(src=src, gt=batch['gt'].long(), tgt=tgt, valid=batch['valid_pseudo_mask'],
+                      iteration=iteration, logs={}, B=src.shape[0], H=src.shape[2], W=src.shape[3],
+                      plabel=None, pweight=None,
+                      debug={'source': src, 'source_gt': batch['gt'], 'target': tgt} if keep_debug else None)
+        # teachers follow the student (before this iteration's update)
+        for name, momentum in self.ema.items():
+            ema_update(self.modules[name], self.student, iteration, momentum)
+        s.logs['lr'] = torch.tensor(self.set_lr(iteration))
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        for i, (name, p) in enumerate(self.passes):
+            with self._sync_context(i, p.trains):
+                loss = p.run(self, s)
+                if loss is not None:
+                    self.scaler.scale(loss).backward()
+            del loss
+        for opt in self.optimizers.values():  # one step over the gradients of all passes
+            self.scaler.step(opt)
+        self.scaler.update()
+        self.debug = s.debug
+        return s.logs
+
+    # -- checkpoints -------------------------------------------------------------
     def state_dict(self):
-        return {'student': self.student.state_dict(),
-                'teacher': self.teacher.state_dict() if self.teacher is not None else None,
-                'mic_teacher': self.mic_teacher.state_dict() if self.mic_teacher is not None else None,
-                'optimizer': self.optimizer.state_dict(), 'scaler': self.scaler.state_dict()}
+        return {'modules': {name: m.state_dict() for name, m in self.modules.items()},
+                'optimizers': {name: o.state_dict() for name, o in self.optimizers.items()},
+                'scaler': self.scaler.state_dict()}
 
     def load_state_dict(self, ckpt):
-        self.student.load_state_dict(ckpt['student'])
-        if self.teacher is not None:
-            self.teacher.load_state_dict(ckpt['teacher'])
-        if self.mic_teacher is not None:
-            self.mic_teacher.load_state_dict(ckpt['mic_teacher'])
-        self.optimizer.load_state_dict(ckpt['optimizer'])
+        modules, optimizers = ckpt.get('modules'), ckpt.get('optimizers')
+        if modules is None:  # the layout of checkpoints written before the modules dict
+            modules = {k: ckpt[k] for k in ('student', 'teacher', 'mic_teacher') if ckpt.get(k) is not None}
+            optimizers = {'student': ckpt['optimizer']}
+        for kind, ours, theirs in (('module', self.modules, modules), ('optimizer', self.optimizers, optimizers)):
+            if set(ours) != set(theirs):
+                raise ConfigError(f'the checkpoint holds the {kind}s {sorted(theirs)}, this config trains '
+                                  f'{sorted(ours)}: resume with the config the run was started with')
+        for name, m in self.modules.items():
+            m.load_state_dict(modules[name])
+        for name, o in self.optimizers.items():
+            o.load_state_dict(optimizers[name])
         self.scaler.load_state_dict(ckpt['scaler'])
 
 

@@ -252,16 +252,16 @@ def test_one_iteration_produces_every_loss_and_touches_only_the_student(mit_b0_w
                          'mix.loss_seg', 'mix.loss_seg_hr', 'masked.loss_seg', 'masked.loss_seg_hr'}
     assert all(torch.isfinite(v) for v in logs.values()) and float(logs['source.loss_fd']) > 0
     # iteration 0: the teacher became a copy of the student *before* its update
-    for n, p in trainer.teacher.named_parameters():
+    for n, p in trainer.modules['teacher'].named_parameters():
         assert torch.equal(p, student_before[n]) and not p.requires_grad and p.grad is None
     assert any(not torch.equal(p, student_before[n]) for n, p in trainer.student.named_parameters())
     for k, v in trainer.imnet.state_dict().items():
         assert torch.equal(v, imnet_before[k])
     assert all(p.grad is None for p in trainer.imnet.parameters()) and not trainer.imnet.training
     # the teacher predicts with dropout / drop path off but BatchNorm in train mode
-    assert trainer.teacher.training and not trainer.teacher.decode_head.head.dropout.training
-    assert trainer.teacher.decode_head.head.fuse_layer.bottleneck.bn.training
-    assert trainer.mic_teacher is None
+    assert trainer.modules['teacher'].training and not trainer.modules['teacher'].decode_head.head.dropout.training
+    assert trainer.modules['teacher'].decode_head.head.fuse_layer.bottleneck.bn.training
+    assert set(trainer.modules) == {'student', 'teacher'} and trainer.ema == {'teacher': 0.999}
 
 
 def _losses_after_one_step(*opts, pretrained=None, seed=0):
@@ -303,7 +303,9 @@ def test_mask_modes_pick_their_images(mode):
     src, gt, tgt = b['img'], b['gt'].long(), b['target_img']
     plabel = torch.randint(0, 19, (2, 64, 64))
     pweight = torch.full((2, 64, 64), 0.3)
-    img, lbl, w = trainer._mic_inputs(src, gt, tgt, b['valid_pseudo_mask'], plabel, pweight)
+    state = mic_train.StepState(src=src, gt=gt, tgt=tgt, valid=b['valid_pseudo_mask'], plabel=plabel,
+                                pweight=pweight, B=2)
+    img, lbl, w = mic_train.mic_inputs(trainer, state)
     if mode.startswith('separatesrc'):
         assert img is src and lbl is gt and w is None
     elif mode.startswith('separatetrg'):
@@ -319,14 +321,15 @@ def test_mask_modes_pick_their_images(mode):
 def test_separate_mic_teacher():
     torch.manual_seed(0)
     trainer = mic_train.Trainer(tiny_cfg('uda.mask_alpha=0.9', 'uda.mask_pseudo_threshold=null'), torch.device('cpu'))
-    assert trainer.mic_teacher is not None and trainer.mic_alpha == 0.9 and trainer.mic_threshold is None
+    assert trainer.ema == {'teacher': 0.999, 'mic_teacher': 0.9} and trainer.mic_threshold is None
     b = synthetic_batch()
-    img, lbl, w = trainer._mic_inputs(b['img'], b['gt'].long(), b['target_img'], b['valid_pseudo_mask'],
-                                      torch.zeros(2, 64, 64, dtype=torch.long), torch.zeros(2, 64, 64))
+    state = mic_train.StepState(src=b['img'], gt=b['gt'].long(), tgt=b['target_img'], valid=b['valid_pseudo_mask'],
+                                plabel=torch.zeros(2, 64, 64, dtype=torch.long), pweight=torch.zeros(2, 64, 64), B=2)
+    img, lbl, w = mic_train.mic_inputs(trainer, state)
     assert torch.equal(w, torch.ones(2, 64, 64))  # threshold null: weight 1, from the MIC teacher's labels
     trainer.step(b, 0)
     trainer.step(synthetic_batch(1), 1)  # alpha_1 = min(0.5, 0.9): MIC teacher and teacher agree
-    for (n, a), (_, c) in zip(trainer.teacher.named_parameters(), trainer.mic_teacher.named_parameters()):
+    for (n, a), (_, c) in zip(trainer.modules['teacher'].named_parameters(), trainer.modules['mic_teacher'].named_parameters()):
         assert torch.equal(a, c), n
 
 

@@ -59,7 +59,8 @@ def test_run_folder_contents(demo_root, tmp_path):
     assert [r['iteration'] for r in records if 'eval' in r] == [4, 8]
     ckpt = torch.load(os.path.join(work, 'latest.pth'), weights_only=True)
     assert ckpt['iteration'] == 8 and ckpt['config']['train']['max_iters'] == 8 and len(ckpt['rng']) == 1
-    assert {'student', 'teacher', 'optimizer', 'scaler', 'sampler', 'meta'} <= set(ckpt)
+    assert {'modules', 'optimizers', 'scaler', 'sampler', 'meta'} <= set(ckpt)
+    assert set(ckpt['modules']) == {'student', 'teacher'} and set(ckpt['optimizers']) == {'student'}
     model = mic_model.build_model(ckpt['config']['model'])
     assert mic_model.load_checkpoint(model, os.path.join(work, 'latest.pth'))['format'] == 'mic_train'
     # the same command again: the finished run is reported, not overwritten
@@ -91,8 +92,8 @@ def test_interrupted_run_resumes_exactly(demo_root, tmp_path, monkeypatch):
     run(demo_root, str(tmp_path / 'cut'), resume=True)
     resumed = torch.load(tmp_path / 'cut' / 'latest.pth', weights_only=True)
     for part in ('student', 'teacher'):
-        for k, v in full[part].items():
-            assert torch.equal(v, resumed[part][k]), (part, k)
+        for k, v in full['modules'][part].items():
+            assert torch.equal(v, resumed['modules'][part][k]), (part, k)
     # resuming with another architecture is refused
     with pytest.raises(SystemExit):
         run(demo_root, str(tmp_path / 'cut'), 'model.backbone.type=mit_b1', resume=True)
