@@ -6,7 +6,7 @@ The original needs its own environment (mmcv-full is not needed: the pure-Python
     python -m venv /tmp/micref && . /tmp/micref/bin/activate
     pip install torch==2.13.0 numpy pyyaml tqdm matplotlib addict yapf "setuptools<70" wheel
     pip install --no-build-isolation mmcv==1.3.7 && pip install --no-deps kornia==0.5.8
-    python benchmarks/compare_with_original.py --ref /tmp/MIC/seg --variant b0   # ~3 min on 2 CPU cores (b5: +4 min)
+    python benchmarks/compare_with_original.py --ref /tmp/MIC/seg --variant b0   # ~4 min on 2 CPU cores (b5: +4 min)
     python benchmarks/compare_with_original.py --ref /tmp/MIC/seg --only dlv2     # one part: mit, dlv2 or helpers
 
 Parts: MiT + DAFormer + HRDA (the paper's model), ResNet-V1c + DeepLabV2 ('dlv2red') + HRDA on it
