@@ -38,17 +38,27 @@ def _section(cls):
 # model: mic_model.build_model(cfg.model)
 # --------------------------------------------------------------------------
 
+# The names of mic_model.BACKBONES and mic_model.HEADS (a test keeps them in step; no torch here).
+BACKBONE_TYPES = ('mit_b0', 'mit_b1', 'mit_b2', 'mit_b3', 'mit_b4', 'mit_b5', 'resnet50_v1c', 'resnet101_v1c')
+HEAD_TYPES = ('daformer', 'segformer', 'deeplabv2')
+
+
 @dataclass
 class BackboneConfig:
-    type: Literal['mit_b0', 'mit_b1', 'mit_b2', 'mit_b3', 'mit_b4', 'mit_b5'] = 'mit_b5'  # MiT variant
-    drop_path_rate: float = 0.1  # stochastic depth, rising linearly over all blocks to this value
+    # MiT variant, or ResNet-V1c with dilated stages 3-4 (output stride 8; DeepLabV2's encoder in Table 1)
+    type: Literal[BACKBONE_TYPES] = 'mit_b5'
+    drop_path_rate: float = 0.1  # MiT only: stochastic depth, rising linearly over all blocks to this value
 
 
 @dataclass
 class DecodeHeadConfig:
-    type: Literal['daformer', 'segformer'] = 'daformer'  # DAFormer context-aware fusion, or SegFormer's MLP head
-    embed_dims: int = 256  # width of the token embeddings and of the fusion (SegFormer-B5 used 768)
-    dropout: float = 0.1  # Dropout2d before the classifier
+    # DAFormer context-aware fusion, SegFormer's MLP head, or DeepLabV2's dilated-conv classifier (Table 1)
+    type: Literal[HEAD_TYPES] = 'daformer'
+    embed_dims: int = 256  # daformer/segformer: width of the token embeddings and the fusion (SegFormer-B5: 768)
+    dropout: float = 0.1  # daformer/segformer: Dropout2d before the classifier (DeepLabV2 has none)
+    # deeplabv2: dilations of the 3x3 classifier convs, summed. (6, 12) is the original's 'dlv2red' (Table 1,
+    # as AdaptSegNet and later UDA work); DeepLabV2's paper and the original's 'dlv2' use [6, 12, 18, 24]
+    dilations: List[int] = _list(6, 12)
 
 
 @dataclass
@@ -56,7 +66,9 @@ class HRDAConfig:
     scales: List[float] = _list(0.5, 1.0)  # [context scale, detail scale]; sorted ascending, detail must be 1
     # detail crop (h, w) in training, and the window of the detail sliding inference
     hr_crop_size: List[int] = _list(512, 512)
-    crop_coord_divisible: int = 8  # detail crop corner divisible by this (output stride 4 x context downscale 2)
+    # detail crop corner divisible by this (DAFormer: output stride 4 x context downscale 2). The original keeps 8
+    # for DeepLabV2 (output stride 8) too: the box then maps onto the context logits with truncation, as there
+    crop_coord_divisible: int = 8
     hr_loss_weight: float = 0.1  # weight of the detail-only loss; the fused loss gets 1 - hr - lr
     lr_loss_weight: float = 0.0  # weight of a context-only loss (the paper: 0 when the detail crop < input)
     attention_classwise: bool = True  # one scale attention map per class (False: a single map)
@@ -82,7 +94,9 @@ class ModelConfig:
     hrda: HRDAConfig = _section(HRDAConfig)  # used when type == 'hrda'
     test: TestConfig = _section(TestConfig)
     num_classes: int = 19  # Cityscapes train ids 0..18
-    pretrained: Optional[str] = 'pretrained/mit_b5.pth'  # SegFormer ImageNet weights of the encoder; null: scratch
+    # ImageNet weights of the encoder; null: scratch. SegFormer's pretrained/mit_b5.pth (mit_bN.pth for the others);
+    # ResNet-V1c: OpenMMLab's pretrained/resnet101_v1c-e67eebb6.pth or pretrained/resnet50_v1c-2cccc1ad.pth
+    pretrained: Optional[str] = 'pretrained/mit_b5.pth'
     activation_checkpointing: bool = False  # recompute encoder blocks in backward: less memory, more compute
 
 

@@ -1,19 +1,22 @@
-"""MIC's segmentation models in plain PyTorch: the MiT encoder, the DAFormer and
-SegFormer decoders, the HRDA multi-resolution segmentor, inference and checkpoint loading.
+"""MIC's segmentation models in plain PyTorch: the MiT and ResNet-V1c encoders, the DAFormer,
+SegFormer and DeepLabV2 decoders, the HRDA multi-resolution segmentor, inference and checkpoint loading.
 
     import mic_model, mic_train
     cfg = mic_train.load_config('configs/gta2cs.yaml')
     model = mic_model.build_model(cfg.model)                   # random init
-    mic_model.load_checkpoint(model, 'work_dirs/RUN/latest.pth')  # ours, released MIC, or SegFormer mit_b*.pth
+    mic_model.load_checkpoint(model, 'work_dirs/RUN/latest.pth')  # ours, released MIC, ImageNet encoders
     logits = model.inference(img)                              # img: [B,3,H,W] normalised -> [B,19,H,W]
 
     python mic_model.py --cfg configs/gta2cs.yaml              # prints the architecture's parameter counts
 
 Parameter names follow the mmsegmentation layout of the original checkpoints
-(backbone.block1.0.attn.q.weight, decode_head.head.fuse_layer.bottleneck.conv.weight, ...),
-so released weights load without conversion. This file imports only torch.
+(backbone.block1.0.attn.q.weight, backbone.layer1.0.conv1.weight,
+decode_head.head.fuse_layer.bottleneck.conv.weight, decode_head.aspp_modules.0.conv.weight, ...),
+so released weights load without conversion. Encoders and heads are small factories in the
+BACKBONES and HEADS tables. This file imports only torch.
 """
 import argparse
+import contextlib
 import math
 import os
 
@@ -150,6 +153,10 @@ class Block(nn.Module):
 class MiT(nn.Module):
     """Mix Transformer encoder. forward(x [B,3,H,W]) -> 4 maps [B,C_i,H/s_i,W/s_i], s = 4, 8, 16, 32."""
 
+    feature_strides = (4, 8, 16, 32)  # input pixels per position of each stage's map
+    no_weight_decay_keys = ('norm',)  # the original's paramwise 'norm' key: every LayerNorm gets weight decay 0
+    classifier_prefix = 'head.'  # SegFormer's ImageNet classifier in mit_b*.pth, dropped when loading
+
     def __init__(self, variant='b5', drop_path_rate=0.1):
         super().__init__()
         variant = variant.removeprefix('mit_')
@@ -158,6 +165,8 @@ class MiT(nn.Module):
                              f'{", ".join("mit_" + v for v in MIT_VARIANTS)}')
         self.variant = variant
         self.embed_dims = MIT_VARIANTS[variant]['embed_dims']
+        self.out_channels = self.embed_dims  # channels of each stage's map
+        self.default_pretrained = f'pretrained/mit_{variant}.pth'  # the usual model.pretrained of this encoder
         self.depths = MIT_VARIANTS[variant]['depths']
         self.activation_checkpointing = False
         rates = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
@@ -171,6 +180,11 @@ class MiT(nn.Module):
             setattr(self, f'norm{i + 1}', nn.LayerNorm(dim, eps=1e-6))
             in_chans = dim
         self.apply(_init_mit_weights)
+
+    def pretrained_help(self, path):
+        """Where the ImageNet weights of this encoder come from (for the missing-file message)."""
+        return (f'Download mit_{self.variant}.pth (ImageNet-1k) from SegFormer (https://github.com/NVlabs/SegFormer'
+                f'#training, "Download" link of the ImageNet-1K pretrained weights) and put the file at {path}')
 
     def forward(self, x):
         if min(x.shape[2:]) < 32:  # stage 1 reduces its keys/values 8x8 from a map at stride 4
@@ -202,6 +216,137 @@ def _init_mit_weights(m):
         nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------
+# ResNet-V1c encoder (DeepLabV2's, as in mmsegmentation's -d8 configs)
+# --------------------------------------------------------------------------
+
+RESNET_STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}  # bottleneck blocks per stage
+RESNET_V1C_URLS = {  # OpenMMLab's ImageNet weights, what the original's open-mmlab://resnet{50,101}_v1c load
+    50: 'https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth',
+    101: 'https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth',
+}
+
+
+class Bottleneck(nn.Module):
+    """1x1 conv (reduce) -> 3x3 conv (stride, dilation) -> 1x1 conv (expand x4), each followed by BN,
+    ReLU after the first two and after the sum with the shortcut: the input, or `downsample`
+    (1x1 conv with the block's stride + BN) where the shape changes. [B,Cin,H,W] -> [B,4P,H/s,W/s]."""
+
+    expansion = 4
+
+    def __init__(self, cin, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn3(self.conv3(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut, inplace=True)
+
+
+def _recompute_without_bn_updates(module):
+    """context_fn for checkpoint(): when backward recomputes `module`, its BatchNorm layers normalise
+    with the batch statistics as in the forward pass, and their running statistics (already updated
+    once by the forward pass) are put back as they were afterwards."""
+
+    @contextlib.contextmanager
+    def restored_stats():
+        buffers = [b for m in module.modules() if isinstance(m, nn.BatchNorm2d) for b in m.buffers()]
+        saved = [b.clone() for b in buffers]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, v in zip(buffers, saved):
+                    b.copy_(v)
+    return lambda: (contextlib.nullcontext(), restored_stats())
+
+
+class ResNetV1c(nn.Module):
+    """ResNet-V1c with dilated stages: forward(x [B,3,H,W]) -> 4 maps [B,256,H/4,W/4], [B,512,H/8,W/8],
+    [B,1024,H/8,W/8], [B,2048,H/8,W/8] (with the default strides and dilations).
+
+    V1c: ResNet-V1b (the stride sits in the bottleneck's 3x3 conv) whose 7x7 stem conv is replaced by
+    three 3x3 convs (32, 32, 64 channels, the first with stride 2), then a 3x3 max-pool with stride 2.
+    Strides (1, 2, 1, 1) and dilations (1, 1, 2, 4) per stage give output stride 8, as DeepLabV2 in the
+    original (configs/_base_/models/deeplabv2_r50-d8.py); contract_dilation: the first block of a dilated
+    stage uses half the stage's dilation. BatchNorm everywhere, trained and in train mode like the
+    rest of the model (the original's norm_cfg BN with requires_grad=True, norm_eval=False).
+    """
+
+    no_weight_decay_keys = ()  # the original adds its 'norm' key for MiT encoders only: BN gets weight decay
+    classifier_prefix = 'fc.'  # the ImageNet classifier in OpenMMLab's resnet*_v1c checkpoints, dropped
+
+    def __init__(self, depth=101, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True):
+        super().__init__()
+        if depth not in RESNET_STAGE_BLOCKS:
+            raise ValueError(f'unsupported ResNet depth {depth}; choose one of {sorted(RESNET_STAGE_BLOCKS)}')
+        self.depth = depth
+        self.default_pretrained = 'pretrained/' + RESNET_V1C_URLS[depth].rsplit('/', 1)[1]  # usual model.pretrained
+        self.activation_checkpointing = False
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin, stride, out_channels, feature_strides = 64, 4, [], []
+        for i, (n, s, d) in enumerate(zip(RESNET_STAGE_BLOCKS[depth], strides, dilations)):
+            planes = 64 * 2 ** i
+            cout = planes * Bottleneck.expansion
+            downsample = None
+            if s != 1 or cin != cout:
+                downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, s, bias=False), nn.BatchNorm2d(cout))
+            first_dilation = d // 2 if contract_dilation and d > 1 else d
+            blocks = [Bottleneck(cin, planes, s, first_dilation, downsample)]
+            blocks += [Bottleneck(cout, planes, 1, d) for _ in range(n - 1)]
+            setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
+            cin, stride = cout, stride * s
+            out_channels.append(cout)
+            feature_strides.append(stride)
+        self.out_channels = tuple(out_channels)  # channels of each stage's map
+        self.feature_strides = tuple(feature_strides)  # input pixels per position of each stage's map
+        self.apply(_init_resnet_weights)
+        for m in self.modules():  # each residual branch starts at zero (mmcv's zero_init_residual)
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+
+    def pretrained_help(self, path):
+        """Where the ImageNet weights of this encoder come from (for the missing-file message)."""
+        url = RESNET_V1C_URLS[self.depth]
+        return (f'Download {url} (OpenMMLab\'s ImageNet ResNet-{self.depth}-V1c, what the original loads as '
+                f'open-mmlab://resnet{self.depth}_v1c) and put the file at {path}')
+
+    def forward(self, x):
+        x = self.maxpool(self.stem(x))
+        outs = []
+        for i in range(1, 5):
+            for block in getattr(self, f'layer{i}'):
+                if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(block, x, use_reentrant=False, context_fn=_recompute_without_bn_updates(block))
+                else:
+                    x = block(x)
+            outs.append(x)
+        return outs
+
+
+def _init_resnet_weights(m):
+    """mmcv's ResNet initialisation without pretrained weights: Kaiming (fan_out) convs, BN 1 / 0."""
+    if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 # --------------------------------------------------------------------------
@@ -269,6 +414,8 @@ class DAFormerHead(nn.Module):
     fusion 'conv1x1': HRDA's scale-attention head.
     """
 
+    logits_stage = 0  # the logits have the resolution of the first encoder map
+
     def __init__(self, in_channels, num_classes, embed_dims=256, fusion='aspp', dropout=0.1):
         super().__init__()
         self.embed_layers = nn.ModuleDict({str(i): TokenEmbed(c, embed_dims) for i, c in enumerate(in_channels)})
@@ -294,6 +441,8 @@ class DAFormerHead(nn.Module):
 class SegFormerHead(nn.Module):
     """SegFormer's all-MLP decoder (an option; the paper uses DAFormerHead)."""
 
+    logits_stage = 0
+
     def __init__(self, in_channels, num_classes, embed_dims=768, dropout=0.1):
         super().__init__()
         self.linear_c = nn.ModuleDict({str(i): TokenEmbed(c, embed_dims) for i, c in enumerate(in_channels)})
@@ -306,6 +455,44 @@ class SegFormerHead(nn.Module):
         x = [self.linear_c[str(i)](f) for i, f in enumerate(feats)]
         x = [e if e.shape[2:] == size else resize(e, size) for e in x]
         return self.linear_pred(self.dropout(self.linear_fuse(torch.cat(x, dim=1))))
+
+
+class ClassifierConv(nn.Module):
+    """A conv with bias and nothing after it, named like mmcv's ConvModule without norm (.conv)."""
+
+    def __init__(self, cin, cout, dilation):
+        super().__init__()
+        kernel, padding = (1, 0) if dilation == 1 else (3, dilation)
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=padding, dilation=dilation)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class DeepLabV2Head(nn.Module):
+    """DeepLabV2's ASPP classifier: dilated 3x3 convs from the last encoder map straight to the classes,
+    summed. [B,C,h,w] -> [B,K,h,w] (no norm, no activation, no dropout).
+
+    The UDA literature, and the original's 'dlv2red' (Table 1), use dilations (6, 12) only: AdaptSegNet's
+    classifier returns inside its loop over (6, 12, 18, 24). Weights normal(0, 0.01), biases 0.
+    """
+
+    logits_stage = -1  # the logits have the resolution of the last encoder map
+
+    def __init__(self, in_channels, num_classes, dilations=(6, 12)):
+        super().__init__()
+        self.dilations = tuple(dilations)
+        self.aspp_modules = nn.ModuleList(ClassifierConv(in_channels, num_classes, d) for d in self.dilations)
+        for m in self.aspp_modules:
+            nn.init.normal_(m.conv.weight, 0, 0.01)
+            nn.init.zeros_(m.conv.bias)
+
+    def forward(self, feats):
+        x = feats[-1]
+        out = self.aspp_modules[0](x)
+        for m in self.aspp_modules[1:]:
+            out = out + m(x)
+        return out
 
 
 # --------------------------------------------------------------------------
@@ -368,6 +555,8 @@ class EncoderDecoder(nn.Module):
         self.backbone = backbone
         self.decode_head = decode_head
         self.test_cfg = dict(test_cfg)
+        # input pixels per logit: MiT + DAFormer 4, ResNet-V1c (dilated) + DeepLabV2 8
+        self.output_stride = backbone.feature_strides[decode_head.logits_stage]
 
     def forward(self, img, label=None, **kwargs):
         """Training losses when a label is given (so DDP wraps forward_train), else logits."""
@@ -446,21 +635,25 @@ class HRDAHead(nn.Module):
     def __init__(self, head, scale_attention, fixed_attention=None):
         super().__init__()
         self.head = head
-        self.scale_attention = scale_attention
+        self.scale_attention = scale_attention  # a head of the same type with K (class-wise) or 1 outputs
         self.fixed_attention = fixed_attention
 
+    @property
+    def logits_stage(self):
+        return self.head.logits_stage
+
     def attention(self, context_feats):
+        """[B,K|1,h,w] in [0, 1] at the context logits' resolution: the weight of the detail prediction."""
         if self.scale_attention is None:
-            shape = (context_feats[0].shape[0], 1, *context_feats[0].shape[2:])
-            return context_feats[0].new_full(shape, self.fixed_attention)
+            ref = context_feats[self.head.logits_stage]
+            return ref.new_full((ref.shape[0], 1, *ref.shape[2:]), self.fixed_attention)
         return torch.sigmoid(self.scale_attention(context_feats))
 
 
 class HRDAEncoderDecoder(EncoderDecoder):
     """HRDA: a low-resolution context view of the whole input and a high-resolution detail view,
-    fused by a learned class-wise scale attention."""
-
-    output_stride = 4
+    fused by a learned class-wise scale attention. Works with any encoder and head of HEADS that can
+    build a scale attention (DAFormer: output stride 4; DeepLabV2 on ResNet-V1c: output stride 8)."""
 
     def __init__(self, backbone, decode_head, test_cfg, hrda_cfg):
         super().__init__(backbone, decode_head, test_cfg)
@@ -469,6 +662,9 @@ class HRDAEncoderDecoder(EncoderDecoder):
             raise ValueError(f'model.hrda.scales must be [context_scale, 1.0], got {hrda_cfg["scales"]}')
         self.context_scale = self.scales[0]
         self.hr_crop_size = tuple(hrda_cfg['hr_crop_size'])
+        if any(c % self.output_stride for c in self.hr_crop_size):
+            raise ValueError(f'model.hrda.hr_crop_size must be divisible by the output stride {self.output_stride} '
+                             f'of this encoder and head; got {list(self.hr_crop_size)}')
         self.crop_coord_divisible = hrda_cfg['crop_coord_divisible']
         self.hr_loss_weight = hrda_cfg['hr_loss_weight']
         self.lr_loss_weight = hrda_cfg['lr_loss_weight']
@@ -477,7 +673,8 @@ class HRDAEncoderDecoder(EncoderDecoder):
         if hrda_cfg['feature_scale'] != self.context_scale:
             raise ValueError('model.hrda.feature_scale must equal the context scale '
                              f'({self.context_scale}); got {hrda_cfg["feature_scale"]}')
-        # Input sizes must keep the context logits (stride 4 / scale) aligned with the detail logits.
+        # Input sizes must keep the context logits (stride output_stride / scale: 8 with DAFormer,
+        # 16 with DeepLabV2) aligned with the detail logits.
         self.size_divisor = int(self.output_stride / self.context_scale)
 
     # -- stages ------------------------------------------------------------
@@ -518,7 +715,8 @@ class HRDAEncoderDecoder(EncoderDecoder):
     def encode_decode(self, img):
         """Context + detail (sliding windows) fused; logits [B,K,H,W] at the input's size.
 
-        Inputs whose size is not divisible by 8 are padded (bottom/right) and the logits cropped.
+        Inputs whose size is not divisible by size_divisor (8 with DAFormer, 16 with DeepLabV2) are padded
+        (bottom/right) and the logits cropped.
         """
         H, W = img.shape[2:]
         d = self.size_divisor
@@ -569,6 +767,58 @@ class HRDAEncoderDecoder(EncoderDecoder):
 # Building and loading
 # --------------------------------------------------------------------------
 
+# An encoder module provides forward(x [B,3,H,W]) -> list of 4 maps and the attributes
+#   out_channels           channels of each map
+#   feature_strides        input pixels per position of each map (the output stride of a head follows)
+#   no_weight_decay_keys   substrings of parameter names trained with weight decay 0 (the trainer reads
+#                          model.backbone.no_weight_decay_keys)
+#   classifier_prefix      keys of its ImageNet classifier, dropped when loading ImageNet weights
+#   default_pretrained     the usual model.pretrained path of its ImageNet weights
+#   pretrained_help(path)  where those weights come from (for the missing-file message)
+#   activation_checkpointing (bool attribute, set by build_model)
+# A head provides forward(list of maps) -> logits and logits_stage (the map whose resolution they have).
+
+def build_mit(cfg_backbone):
+    return MiT(cfg_backbone['type'], cfg_backbone['drop_path_rate'])
+
+
+def build_resnet_v1c(cfg_backbone):
+    depth = int(cfg_backbone['type'].removeprefix('resnet').removesuffix('_v1c'))
+    return ResNetV1c(depth)  # output stride 8 (dilated stages 3 and 4), as DeepLabV2 in the original
+
+
+BACKBONES = {  # model.backbone.type -> factory(backbone config section)
+    **{f'mit_{v}': build_mit for v in MIT_VARIANTS},
+    'resnet50_v1c': build_resnet_v1c,
+    'resnet101_v1c': build_resnet_v1c,
+}
+
+
+def build_daformer_head(in_channels, num_classes, head_cfg, attention=False):
+    """DAFormer's head; attention=True: HRDA's scale attention, the same head with a 1x1 conv fusion."""
+    fusion = 'conv1x1' if attention else 'aspp'
+    return DAFormerHead(in_channels, num_classes, head_cfg['embed_dims'], fusion, head_cfg['dropout'])
+
+
+def build_segformer_head(in_channels, num_classes, head_cfg, attention=False):
+    if attention:
+        raise ValueError('HRDA is implemented with the daformer and deeplabv2 heads (as in the original); '
+                         'set model.decode_head.type accordingly or model.type=encoder_decoder')
+    return SegFormerHead(in_channels, num_classes, head_cfg['embed_dims'], head_cfg['dropout'])
+
+
+def build_deeplabv2_head(in_channels, num_classes, head_cfg, attention=False):
+    """DeepLabV2's classifier on the last map; HRDA's scale attention is an identical head (the original)."""
+    return DeepLabV2Head(in_channels[-1], num_classes, head_cfg['dilations'])
+
+
+HEADS = {  # model.decode_head.type -> factory(in_channels per map, num_classes, head config, attention)
+    'daformer': build_daformer_head,
+    'segformer': build_segformer_head,
+    'deeplabv2': build_deeplabv2_head,
+}
+
+
 def build_model(cfg_model, load_pretrained=False):
     """The segmentor described by the `model:` config section (a dict; missing keys take defaults).
 
@@ -576,28 +826,20 @@ def build_model(cfg_model, load_pretrained=False):
     """
     from mic_config import resolve_section  # the schema sits beside this file; it imports only yaml
     cfg = resolve_section('model', cfg_model)
-    backbone = MiT(cfg['backbone']['type'], cfg['backbone']['drop_path_rate'])
+    backbone = BACKBONES[cfg['backbone']['type']](cfg['backbone'])
     backbone.activation_checkpointing = cfg['activation_checkpointing']
-    channels, K = backbone.embed_dims, cfg['num_classes']
+    channels, K = backbone.out_channels, cfg['num_classes']
     head_cfg = cfg['decode_head']
-
-    def make_head():
-        if head_cfg['type'] == 'daformer':
-            return DAFormerHead(channels, K, head_cfg['embed_dims'], 'aspp', head_cfg['dropout'])
-        return SegFormerHead(channels, K, head_cfg['embed_dims'], head_cfg['dropout'])
-
+    make_head = HEADS[head_cfg['type']]
     if cfg['type'] == 'encoder_decoder':
-        model = EncoderDecoder(backbone, make_head(), cfg['test'])
+        model = EncoderDecoder(backbone, make_head(channels, K, head_cfg), cfg['test'])
     else:
-        if head_cfg['type'] != 'daformer':
-            raise ValueError('HRDA is implemented with the DAFormer head; set model.decode_head.type=daformer')
         h = cfg['hrda']
         attention = None
         if h['fixed_attention'] is None:
-            attention = DAFormerHead(channels, K if h['attention_classwise'] else 1, head_cfg['embed_dims'],
-                                     'conv1x1', head_cfg['dropout'])
-        model = HRDAEncoderDecoder(backbone, HRDAHead(make_head(), attention, h['fixed_attention']),
-                                   cfg['test'], h)
+            attention = make_head(channels, K if h['attention_classwise'] else 1, head_cfg, attention=True)
+        head = HRDAHead(make_head(channels, K, head_cfg), attention, h['fixed_attention'])
+        model = HRDAEncoderDecoder(backbone, head, cfg['test'], h)
     model.cfg = cfg
     if load_pretrained and cfg['pretrained']:
         load_pretrained_encoder(model.backbone, cfg['pretrained'])
@@ -621,7 +863,8 @@ def read_checkpoint(path, mmap=False):
     if not (head == b'PK' or head.startswith(b'\x80')):
         raise CheckpointError(f'{path} is not a PyTorch checkpoint (it does not start like a file written by '
                               f'torch.save): pass a .pth file written by mic_train.py (work_dirs/RUN/latest.pth), '
-                              f'a released MIC/HRDA/DAFormer checkpoint or SegFormer ImageNet weights (mit_b*.pth)')
+                              f'a released MIC/HRDA/DAFormer checkpoint, SegFormer ImageNet weights (mit_b*.pth) or '
+                              f'OpenMMLab ImageNet weights (resnet*_v1c-*.pth)')
     try:
         try:
             return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
@@ -637,18 +880,22 @@ def read_checkpoint(path, mmap=False):
 
 
 def load_pretrained_encoder(backbone, path):
-    """Load SegFormer's ImageNet weights (mit_b*.pth) into a MiT encoder."""
+    """Load ImageNet weights into an encoder: SegFormer's mit_b*.pth into MiT, OpenMMLab's
+    resnet*_v1c-*.pth into ResNetV1c (their classifiers are dropped)."""
     if not os.path.isfile(path):
+        note = ''
+        if os.path.basename(path) != os.path.basename(backbone.default_pretrained):
+            note = (f' (model.pretrained={path} is not the usual file of this encoder, '
+                    f'{backbone.default_pretrained}: check model.backbone.type and model.pretrained)')
         raise FileNotFoundError(
-            f'pretrained encoder weights {path} not found. Download mit_b0..mit_b5.pth (ImageNet-1k) from '
-            'SegFormer (https://github.com/NVlabs/SegFormer#training, "Download" link of the ImageNet-1K '
-            f'pretrained weights) and put the file at {path}, or set model.pretrained=null to train '
-            'from scratch.')
+            f'pretrained encoder weights {path} not found{note}. {backbone.pretrained_help(path)}, or set '
+            'model.pretrained=null uda.fd_lambda=0 to train from scratch (the ImageNet feature distance '
+            'needs these weights).')
     return load_checkpoint(backbone, path)
 
 
 def _extract_state_dict(ckpt, path):
-    """(state_dict, format name) of the three supported checkpoint layouts."""
+    """(state_dict, format name) of the supported checkpoint layouts."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'{path} is not a checkpoint dict (got {type(ckpt).__name__})')
     if isinstance(ckpt.get('modules'), dict) and 'student' in ckpt['modules']:  # ours (mic_train.py)
@@ -658,31 +905,39 @@ def _extract_state_dict(ckpt, path):
     sd = ckpt.get('state_dict', ckpt.get('model', ckpt))
     if not isinstance(sd, dict):
         raise CheckpointError(f'{path}: no state dict found (keys: {list(ckpt)[:10]})')
+    if sd and all(k.startswith('module.') for k in sd):  # saved from a DataParallel wrapper
+        sd = {k[len('module.'):]: v for k, v in sd.items()}
     if any(k.startswith('model.') for k in sd):  # released MIC/HRDA/DAFormer: student under 'model.'
         return {k[len('model.'):]: v for k, v in sd.items() if k.startswith('model.')}, 'released_uda'
     if any(k.startswith('patch_embed1.') for k in sd):  # SegFormer ImageNet encoder
         return sd, 'segformer_imagenet'
+    if any(k.startswith('stem.') for k in sd):  # OpenMMLab ImageNet ResNet-V1c (open-mmlab://resnet*_v1c)
+        return sd, 'openmmlab_imagenet'
     return sd, 'segmentor'
 
 
+IMAGENET_FORMATS = ('segformer_imagenet', 'openmmlab_imagenet')  # a bare encoder with its ImageNet classifier
+
+
 def load_checkpoint(model, path):
-    """Load weights into `model` (a segmentor or a bare MiT encoder) strictly.
+    """Load weights into `model` (a segmentor or a bare encoder) strictly.
 
     Accepts our checkpoints (the student), the released MIC/HRDA/DAFormer checkpoints
-    (the 'model.' student; 'ema_model.' and 'imnet_model.' are ignored), and SegFormer's
-    mit_b*.pth ImageNet weights (into the encoder; the classifier 'head.*' is dropped).
+    (the 'model.' student; 'ema_model.' and 'imnet_model.' are ignored), SegFormer's mit_b*.pth and
+    OpenMMLab's resnet*_v1c-*.pth ImageNet weights (into the encoder; the classifier, 'head.*' or 'fc.*',
+    is dropped; BatchNorm's num_batches_tracked counters, absent from old files, keep the model's values).
     Anything else that does not match raises CheckpointError naming the keys and shapes.
     Returns {'format', 'ignored': [keys dropped by name]}.
     """
     sd, fmt = _extract_state_dict(read_checkpoint(path), path)
+    encoder_only = not hasattr(model, 'backbone')
     target = model
     ignored = []
-    if fmt == 'segformer_imagenet':
-        ignored = [k for k in sd if k.startswith('head.')]
-        sd = {k: v for k, v in sd.items() if not k.startswith('head.')}
-        if not isinstance(model, MiT):
-            target = model.backbone
-    elif isinstance(model, MiT):
+    if fmt in IMAGENET_FORMATS:
+        target = model if encoder_only else model.backbone
+        ignored = [k for k in sd if k.startswith(target.classifier_prefix)]
+        sd = {k: v for k, v in sd.items() if k not in ignored}
+    elif encoder_only:
         if not any(k.startswith('backbone.') for k in sd):
             raise CheckpointError(f'{path} holds no encoder weights (backbone.*)')
         ignored = [k for k in sd if not k.startswith('backbone.')]
@@ -691,6 +946,10 @@ def load_checkpoint(model, path):
         # mmseg's SegFormerHead keeps an unused conv_seg from its base class.
         ignored = [k for k in sd if k.startswith('decode_head.conv_seg.')]
         sd = {k: v for k, v in sd.items() if k not in ignored}
+    own = target.state_dict()
+    if not any(k.endswith('.num_batches_tracked') for k in sd):  # a file of PyTorch < 0.4.1 has none of them
+        sd = {**sd, **{k: v for k, v in own.items() if k.endswith('.num_batches_tracked')
+                       and k.replace('num_batches_tracked', 'running_mean') in sd}}
     _check_state_dict(target, sd, path, fmt)
     target.load_state_dict(sd, strict=True)
     return {'format': fmt, 'ignored': ignored}
@@ -711,11 +970,18 @@ def _check_state_dict(model, sd, path, fmt):
         hints.append('the checkpoint is an HRDA model: set model.type=hrda')
     if model_hrda and sd and not ckpt_hrda:
         hints.append('the checkpoint is a single-scale model: set model.type=encoder_decoder')
-    n_ckpt, n_own = _stage3_depth(sd), _stage3_depth(own)
-    if n_ckpt and n_own and n_ckpt != n_own:
-        variant = {2: 'mit_b0 or mit_b1', 6: 'mit_b2', 18: 'mit_b3', 27: 'mit_b4', 40: 'mit_b5'}.get(n_ckpt, '?')
-        hints.append(f'the checkpoint encoder has {n_ckpt} stage-3 blocks ({variant}), the model {n_own}: '
-                     'set model.backbone.type accordingly')
+    (kind, n_ckpt), (own_kind, n_own) = _encoder_kind(sd), _encoder_kind(own)
+    if kind and own_kind and (kind, n_ckpt) != (own_kind, n_own):
+        name = _encoder_name(kind, n_ckpt)
+        if kind == own_kind:
+            hints.append(f'the checkpoint encoder has {n_ckpt} stage-3 blocks ({name}), the model {n_own}: '
+                         'set model.backbone.type accordingly')
+        else:
+            hints.append(f'the checkpoint holds a {name} encoder, the model a {_encoder_name(own_kind, n_own)}: '
+                         'set model.backbone.type accordingly')
+    head, own_head = _head_type(sd), _head_type(own)
+    if head and own_head and head != own_head:
+        hints.append(f'the checkpoint has a {head} head: set model.decode_head.type={head}')
 
     def show(items):
         return ', '.join(items[:8]) + (f' ... ({len(items)} in all)' if len(items) > 8 else '')
@@ -730,10 +996,39 @@ def _check_state_dict(model, sd, path, fmt):
     raise CheckpointError('\n'.join(lines))
 
 
-def _stage3_depth(state_dict):
-    """Number of stage-3 blocks of the MiT encoder in a state dict (0 if none): tells b0..b5 apart."""
-    prefix = 'backbone.block3.' if any(k.startswith('backbone.block3.') for k in state_dict) else 'block3.'
-    return len({k[len(prefix):].split('.')[0] for k in state_dict if k.startswith(prefix)})
+# stage-3 parameter prefix of each encoder family: its block count tells the variants apart
+_ENCODER_STAGE3 = {'mit': 'block3.', 'resnet': 'layer3.'}
+
+
+def _encoder_kind(state_dict):
+    """(family, number of stage-3 blocks) of the encoder in a state dict, or (None, 0)."""
+    for kind, stage3 in _ENCODER_STAGE3.items():
+        for prefix in ('backbone.' + stage3, stage3):
+            blocks = {k[len(prefix):].split('.')[0] for k in state_dict if k.startswith(prefix)}
+            if blocks:
+                return kind, len(blocks)
+    return None, 0
+
+
+def _encoder_name(kind, n_stage3):
+    if kind == 'mit':
+        names = [f'mit_{v}' for v, a in MIT_VARIANTS.items() if a['depths'][2] == n_stage3]
+    else:
+        names = [f'resnet{d}_v1c' for d, blocks in RESNET_STAGE_BLOCKS.items() if blocks[2] == n_stage3]
+    return ' or '.join(names) or f'{kind} with {n_stage3} stage-3 blocks'
+
+
+def _head_type(state_dict):
+    """The HEADS name of the (single-scale or HRDA) decoder in a state dict, or None."""
+    for k in state_dict:
+        k = k.replace('decode_head.head.', 'decode_head.')
+        if k.startswith('decode_head.fuse_layer.'):
+            return 'daformer'
+        if k.startswith('decode_head.linear_c.'):
+            return 'segformer'
+        if k.startswith('decode_head.aspp_modules.'):
+            return 'deeplabv2'
+    return None
 
 
 def set_dropout(module, enabled):

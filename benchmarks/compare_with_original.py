@@ -6,8 +6,11 @@ The original needs its own environment (mmcv-full is not needed: the pure-Python
     python -m venv /tmp/micref && . /tmp/micref/bin/activate
     pip install torch==2.13.0 numpy pyyaml tqdm matplotlib addict yapf "setuptools<70" wheel
     pip install --no-build-isolation mmcv==1.3.7 && pip install --no-deps kornia==0.5.8
-    python benchmarks/compare_with_original.py --ref /tmp/MIC/seg --variant b0   # ~1 min on CPU (b5: ~5 min)
+    python benchmarks/compare_with_original.py --ref /tmp/MIC/seg --variant b0   # ~4 min on 2 CPU cores (b5: +4 min)
+    python benchmarks/compare_with_original.py --ref /tmp/MIC/seg --only dlv2     # one part: mit, dlv2 or helpers
 
+Parts: MiT + DAFormer + HRDA (the paper's model), ResNet-V1c + DeepLabV2 ('dlv2red') + HRDA on it
+(Table 1, experiment 81 of the original; --depth 50 for a faster ResNet-50 run), and the training helpers.
 timm 0.3.2 and torchvision do not import with a current CPU torch, so minimal stand-ins for the
 three timm helpers the original uses (DropPath, to_2tuple, trunc_normal_: initialisation and stochastic
 depth only, both switched off in the comparisons) and an empty torchvision are put in sys.modules.
@@ -157,6 +160,130 @@ def compare_models(variant):
            ref2.forward_train(img, meta, label, seg_weight=weight)['decode.loss_seg'].detach())
 
 
+def randomise_batchnorm(model, img, seed=0):
+    """Non-trivial BatchNorm affines (fresh ones are 1 / 0, the ResNet's bn3 weights 0) and running
+    statistics: the averages of the batch statistics of `img` and a second random batch, so that the
+    eval-mode activations stay in a realistic range through the 100 layers."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in bns:
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        model.train()
+        model.encode_decode(img)
+        model.encode_decode(torch.randn(img.shape, generator=g))
+        for m in bns:
+            m.momentum = 0.1
+
+
+def report_grads(name, ours, ref):
+    """Max |ours - original| over all parameter gradients, relative to the largest gradient."""
+    ref_grads = dict(ref.named_parameters())
+    diff = max((p.grad - ref_grads[n].grad).abs().max().item() for n, p in ours.named_parameters())
+    scale = max(p.grad.abs().max().item() for p in ref.parameters() if p.grad is not None)
+    ok = diff <= 1e-4 * max(1.0, scale)
+    if not ok:
+        FAILED.append(name)
+    print(f'{name:48s} max|diff| {diff:.2e}  (max|value| {scale:.2e})  {"OK" if ok else "FAIL"}')
+
+
+def compare_deeplabv2(depth):
+    """ResNet-V1c + DeepLabV2 ('dlv2red') and HRDA on it, as experiment 81 of the original builds them."""
+    from mmcv import Config
+    from mmseg.models import build_segmentor
+    import mmseg.models.segmentors.hrda_encoder_decoder as hrda_module
+    import mic_model
+
+    torch.manual_seed(0)
+    base = Config.fromfile(os.path.join(ARGS.ref, 'configs/_base_/models/deeplabv2red_r50-d8.py')).model
+    base.pretrained = None
+    base.backbone.depth = depth
+    name = f'ResNet-{depth}-V1c'
+
+    # -- single scale (dlv2red + r101v1c, 512x512 crops, whole-image test) -------------------------
+    ref = build_segmentor(copy.deepcopy(base))
+    ref.init_weights()
+    ref.automatic_debug = False
+    ours = mic_model.build_model({'type': 'encoder_decoder', 'backbone': {'type': f'resnet{depth}_v1c'},
+                                  'decode_head': {'type': 'deeplabv2'}, 'test': {'mode': 'whole'},
+                                  'pretrained': None})
+    report(f'{name} encoder parameter count', mic_model.count_params(ours.backbone),
+           mic_model.count_params(ref.backbone))
+    ours.load_state_dict(ref.state_dict(), strict=True)  # same names: a plain copy
+    img = torch.randn(2, 3, 64, 96)
+    randomise_batchnorm(ours, img)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+
+    meta = [dict(ori_shape=(128, 160, 3), img_shape=(64, 96, 3), pad_shape=(64, 96, 3), flip=False)] * 2
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        for i, (a, b) in enumerate(zip(ours.backbone(img), ref.backbone(img))):
+            report(f'{name} stage {i + 1} features', a, b)
+        report('DeepLabV2 encode_decode', ours.encode_decode(img), ref.encode_decode(img, meta))
+        report('DeepLabV2 whole inference, rescaled', ours.inference(img, out_size=(128, 160)),
+               ref.whole_inference(img, meta, rescale=True))
+
+    ref.train(), ours.train()
+    label = torch.randint(0, 19, (2, 1, 64, 96))
+    label[:, :, :8] = 255
+    weight = torch.rand(2, 64, 96)
+    lo = ours.forward_train(img, label, seg_weight=weight)['loss_seg']
+    lr = ref.forward_train(img, meta, label, seg_weight=weight)['decode.loss_seg']
+    report('DeepLabV2 training loss', lo.detach(), lr.detach())
+    lo.backward()
+    lr.backward()
+    report_grads('DeepLabV2 gradients (all parameters)', ours, ref)
+    ref_buffers = dict(ref.named_buffers())
+    report('BN running statistics after the training pass',
+           torch.cat([v.flatten().float() for k, v in ours.named_buffers() if 'running' in k]),
+           torch.cat([ref_buffers[k].flatten().float() for k, v in ours.named_buffers() if 'running' in k]))
+
+    # -- HRDA on DeepLabV2 (hrda1-512-0.1_dlv2red; here a 64x64 detail crop) -------------------------
+    m = copy.deepcopy(base)
+    m.type = 'HRDAEncoderDecoder'
+    m.scales = [1, 0.5]
+    m.decode_head.single_scale_head = 'DLV2Head'
+    m.decode_head.type = 'HRDAHead'
+    m.decode_head.attention_classwise = True
+    m.decode_head.hr_loss_weight = 0.1
+    m.hr_crop_size = (64, 64)
+    m.feature_scale = 0.5
+    m.crop_coord_divisible = 8
+    m.hr_slide_inference = True
+    ref = build_segmentor(m)
+    ref.init_weights()
+    ref.automatic_debug = False
+    ours = mic_model.build_model({'backbone': {'type': f'resnet{depth}_v1c'}, 'decode_head': {'type': 'deeplabv2'},
+                                  'hrda': {'hr_crop_size': [64, 64]}, 'pretrained': None})
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    img = torch.randn(2, 3, 96, 128)
+    randomise_batchnorm(ours, img, seed=1)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+
+    meta = [dict(ori_shape=(96, 128, 3), img_shape=(96, 128, 3), pad_shape=(96, 128, 3), flip=False)] * 2
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        report('HRDA-DeepLabV2 encode_decode (detail windows)', ours.encode_decode(img), ref.encode_decode(img, meta))
+
+    ref.train(), ours.train()
+    label = torch.randint(0, 19, (2, 1, 96, 128))
+    label[:, :, :8] = 255
+    weight = torch.rand(2, 96, 128)
+    box = (8, 72, 40, 104)  # corner divisible by 8 but not 16: the context mask truncates, as in the original
+    hrda_module.get_crop_bbox = lambda *a, **k: box
+    lr = ref.forward_train(img, meta, label, seg_weight=weight, return_feat=True)
+    lo = ours.forward_train(img, label, seg_weight=weight, return_feat=True, hr_crop_box=box)
+    report('HRDA-DeepLabV2 loss, fused (x 0.9)', lo['loss_seg'].detach(), lr['decode.loss_seg'].detach())
+    report('HRDA-DeepLabV2 loss, detail crop (x 0.1)', lo['loss_seg_hr'].detach(), lr['decode.hr.loss_seg'].detach())
+    report('HRDA-DeepLabV2 context features, stage 4', lo['features'][3].detach(), lr['features'][3].detach())
+    (lo['loss_seg'] + lo['loss_seg_hr']).backward()
+    (lr['decode.loss_seg'] + lr['decode.hr.loss_seg']).backward()
+    report_grads('HRDA-DeepLabV2 gradients (all parameters)', ours, ref)
+
+
 def compare_training_helpers():
     import kornia
     from mmcv.runner.hooks.lr_updater import PolyLrUpdaterHook
@@ -218,13 +345,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--ref', required=True, help="the original's seg/ folder (git clone lhoyer/MIC)")
     parser.add_argument('--variant', default='b0', help='MiT variant of the model comparison (b0..b5)')
+    parser.add_argument('--depth', type=int, default=101, choices=(50, 101),
+                        help='ResNet-V1c depth of the DeepLabV2 comparison')
+    parser.add_argument('--only', choices=('mit', 'dlv2', 'helpers'), default=None,
+                        help='run one part: MiT/DAFormer/HRDA, ResNet/DeepLabV2/HRDA, or the training helpers')
     global ARGS
     ARGS = parser.parse_args()
     install_stand_ins()
     sys.path[:0] = [os.path.abspath(ARGS.ref), REPO]
     torch.set_num_threads(min(4, torch.get_num_threads()))
-    compare_models(ARGS.variant)
-    compare_training_helpers()
+    if ARGS.only in (None, 'mit'):
+        compare_models(ARGS.variant)
+    if ARGS.only in (None, 'dlv2'):
+        compare_deeplabv2(ARGS.depth)
+    if ARGS.only in (None, 'helpers'):
+        compare_training_helpers()
     print(f'\n{len(FAILED)} check(s) failed: {FAILED}' if FAILED else '\nall checks passed')
     sys.exit(1 if FAILED else 0)
 
