@@ -24,13 +24,13 @@ import argparse
 import multiprocessing
 import os
 import re
-import sys
 import zlib
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from mic_config import exit_error
 from mic_data import (CS_ID_TO_TRAIN_ID, IGNORE_INDEX, SYNTHIA_ID_TO_TRAIN_ID, DataError, id_lut, save_json,
                       save_png)
 
@@ -406,7 +406,7 @@ def main(argv=None):
     try:
         s = convert_dataset(args.kind, args.root, nproc=args.nproc, progress=not args.quiet, force=args.force)
     except DataError as e:
-        sys.exit(f'error: {e}')
+        exit_error(e)
     total = sum(s['class_pixels'])
     print(f'{s["files"]} label files: {s["converted"]} converted, {s["skipped"]} already up to date; '
           f'{s["unmapped_pixels"]} pixels had ids outside the table and are ignored (255)')

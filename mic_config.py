@@ -10,7 +10,10 @@ lists only what it changes; `--opt a.b=value` overrides anything after it:
 
     python mic_config.py configs/demo.yaml --opt train.max_iters=10   # prints the resolved config
 
-Unknown keys and values of the wrong type raise ConfigError naming the key.
+Unknown keys, values of the wrong type, values outside their range (_RANGES: a
+negative max_iters, a probability above 1, ...) and keys that do not fit together
+(an HRDA detail crop larger than the training crop, ...) raise ConfigError naming
+the key, the value and what is allowed.
 The resolved config is a tree of plain dicts (JSON-serialisable, stored in
 every checkpoint) that also allows attribute access.
 """
@@ -18,6 +21,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import typing
@@ -359,6 +363,208 @@ def _merge_section(cls, base, update, prefix):
     return out
 
 
+# --------------------------------------------------------------------------
+# Value ranges: checked after the types by load_config, merge and resolve_section
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed numbers lo <= v <= hi (open ends: lo < v, v < hi; None: unbounded); with `length`, a
+    list of that many such numbers. None values (optional keys) and non-numbers ('same') pass."""
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    length: Optional[int] = None
+
+    def holds(self, v):
+        return ((self.lo is None or v > self.lo or (v == self.lo and not self.lo_open))
+                and (self.hi is None or v < self.hi or (v == self.hi and not self.hi_open)))
+
+    def text(self):
+        if self.lo is not None and self.hi is not None:
+            return f'in {"(" if self.lo_open else "["}{self.lo:g}, {self.hi:g}{")" if self.hi_open else "]"}'
+        if self.lo is not None:
+            return f'{">" if self.lo_open else ">="} {self.lo:g}'
+        return f'{"<" if self.hi_open else "<="} {self.hi:g}'
+
+
+def _ge(lo, n=None):
+    return Range(lo=lo, length=n)
+
+
+def _gt(lo, n=None):
+    return Range(lo=lo, lo_open=True, length=n)
+
+
+def _unit(n=None, hi_open=False):
+    return Range(lo=0, hi=1, hi_open=hi_open, length=n)
+
+
+# Every key whose value is meaningless outside a range (sizes are (h, w) pairs in pixels).
+# Relations between keys (the HRDA detail crop against the training crop, ...) are in _check_relations.
+_RANGES = {
+    'model.backbone.drop_path_rate': _unit(),
+    'model.decode_head.embed_dims': _ge(1),
+    'model.decode_head.dropout': _unit(),
+    'model.hrda.scales': _gt(0),
+    'model.hrda.hr_crop_size': _ge(1, n=2),
+    'model.hrda.crop_coord_divisible': _ge(1),
+    'model.hrda.hr_loss_weight': _unit(),
+    'model.hrda.lr_loss_weight': _unit(),
+    'model.hrda.fixed_attention': _unit(),
+    'model.hrda.feature_scale': Range(lo=0, hi=1, lo_open=True),
+    'model.test.crop_size': _ge(1, n=2),
+    'model.test.stride': _ge(1, n=2),
+    'model.num_classes': Range(lo=1, hi=255),  # labels are uint8 with 255 = ignore
+    **{f'data.{ds}.{key}': rng for ds in ('source', 'target', 'val')
+       for key, rng in (('img_scale', _ge(1, n=2)), ('crop_pseudo_margins', _ge(0, n=4)))},
+    'data.crop_size': _ge(1, n=2),
+    'data.cat_max_ratio': Range(lo=0, lo_open=True),  # >= 1: no re-draws
+    'data.sync_crop_size': _ge(1, n=2),
+    'data.rcs.temperature': _gt(0),
+    'data.rcs.min_pixels': _ge(0),
+    'data.rcs.min_crop_ratio': _ge(0),
+    'data.demo.seed': _ge(0),
+    'data.demo.num_source': _ge(1),
+    'data.demo.num_target': _ge(1),
+    'data.demo.num_val': _ge(1),
+    'data.demo.width': _ge(32),
+    'data.demo.height': _ge(32),
+    'data.demo.gap': _ge(0),
+    'data.batch_size': _ge(1),
+    'data.num_workers': _ge(0),
+    'uda.alpha': _unit(),
+    'uda.pseudo_threshold': _unit(),
+    'uda.pseudo_weight_ignore_top': _ge(0),
+    'uda.pseudo_weight_ignore_bottom': _ge(0),
+    'uda.fd_lambda': _ge(0),
+    'uda.fd_classes': Range(lo=0, hi=254),
+    'uda.fd_min_ratio': _unit(),
+    'uda.color_jitter_strength': _unit(),
+    'uda.color_jitter_probability': _unit(),
+    'uda.mask_alpha': _unit(),
+    'uda.mask_pseudo_threshold': _unit(),
+    'uda.mask_lambda': _ge(0),
+    'uda.mask_block_size': _ge(1),
+    'uda.mask_ratio': _unit(),
+    'optim.lr': _gt(0),
+    'optim.head_lr_mult': _ge(0),
+    'optim.betas': _unit(n=2, hi_open=True),
+    'optim.weight_decay': _ge(0),
+    'optim.warmup_iters': _ge(0),
+    'optim.warmup_ratio': _unit(),
+    'optim.power': _ge(0),
+    'optim.min_lr': _ge(0),
+    'train.max_iters': _ge(1),
+    'train.seed': _ge(0),  # numpy seeds are non-negative
+    'train.log_interval': _ge(1),
+    'train.eval_interval': _ge(0),
+    'train.ckpt_interval': _ge(0),
+    'train.debug_img_interval': _ge(0),
+}
+_MIT_MIN_SIZE = 32  # mic_model.MiT: stage 1 reduces keys/values 8x8 from a map at stride 4
+_OUTPUT_STRIDE = 4  # mic_model.HRDAEncoderDecoder.output_stride
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_ranges(tree, prefix=''):
+    """Raise ConfigError for the first value of `tree` (the section at `prefix`) outside _RANGES."""
+    for key, rng in _RANGES.items():
+        if prefix and not key.startswith(prefix + '.'):
+            continue
+        value = tree
+        for part in key[len(prefix) + 1 if prefix else 0:].split('.'):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            continue
+        if isinstance(value, list):
+            if rng.length is not None and len(value) != rng.length:
+                raise ConfigError(f'config key {key!r}: expected {rng.length} values, each {rng.text()}, '
+                                  f'got {value!r}')
+            for i, v in enumerate(value):
+                if _is_number(v) and not rng.holds(v):
+                    raise ConfigError(f"config key '{key}[{i}]': expected a value {rng.text()}, got {v!r}")
+        elif _is_number(value) and not rng.holds(value):
+            raise ConfigError(f'config key {key!r}: expected a value {rng.text()}, got {value!r}')
+
+
+def _lcm(a, b):
+    return a * b // math.gcd(a, b)
+
+
+def _check_relations(model, data=None):
+    """Constraints between keys that the model needs (data: the `data` section, when known)."""
+    test = model['test']
+    if test['mode'] == 'slide' and any(s > c for s, c in zip(test['stride'], test['crop_size'])):
+        raise ConfigError(f'config key \'model.test.stride\': {test["stride"]} is larger than '
+                          f'model.test.crop_size {test["crop_size"]}: the sliding windows would leave gaps')
+    train_input = None  # the size of the training images the model sees, and the key that sets it
+    if data is not None:
+        crop, sync = data['crop_size'], data['sync_crop_size']
+        if sync is not None and any(s > c for s, c in zip(sync, crop)):
+            raise ConfigError(f"config key 'data.sync_crop_size': {sync} must fit in data.crop_size {crop}")
+        train_input = (sync, 'data.sync_crop_size') if sync is not None else (crop, 'data.crop_size')
+    if model['type'] != 'hrda':
+        for size, key in ((test['crop_size'] if test['mode'] == 'slide' else None, 'model.test.crop_size'),
+                          train_input or (None, None)):
+            if size is not None and min(size) < _MIT_MIN_SIZE:
+                raise ConfigError(f'config key {key!r}: {size} is too small: the MiT encoder needs at least '
+                                  f'{_MIT_MIN_SIZE}x{_MIT_MIN_SIZE} pixels')
+        return
+    hrda = model['hrda']
+    scales = sorted(hrda['scales'])
+    if len(scales) != 2 or scales[1] != 1.0 or not 0 < scales[0] < 1 or (4 / scales[0]) % 1:
+        raise ConfigError(f"config key 'model.hrda.scales': expected [context scale, 1.0] with 4 / context "
+                          f'scale an integer (e.g. [0.5, 1.0]), got {hrda["scales"]}')
+    context = scales[0]
+    divisor = round(_OUTPUT_STRIDE / context)  # the context logits' stride in input pixels
+    if hrda['crop_coord_divisible'] % divisor:
+        raise ConfigError(f"config key 'model.hrda.crop_coord_divisible': {hrda['crop_coord_divisible']} must be "
+                          f'a multiple of {divisor} (output stride {_OUTPUT_STRIDE} / context scale {context:g}), '
+                          f'or the detail crop misaligns with the context logits')
+    # the detail crop's logits must fall on the context grid, and its overlapping windows (stride
+    # crop / 2) on the output grid
+    need = _lcm(divisor, 2 * _OUTPUT_STRIDE if hrda['hr_slide_overlapping'] else _OUTPUT_STRIDE)
+    hr = hrda['hr_crop_size']
+    if min(hr) < _MIT_MIN_SIZE:
+        raise ConfigError(f"config key 'model.hrda.hr_crop_size': {hr} is too small: the detail crop goes through "
+                          f'the MiT encoder, which needs at least {_MIT_MIN_SIZE}x{_MIT_MIN_SIZE} pixels')
+    if any(v % need for v in hr):
+        raise ConfigError(f"config key 'model.hrda.hr_crop_size': {hr} must be divisible by {need} (HRDA with "
+                          f'context scale {context:g} and output stride {_OUTPUT_STRIDE}), e.g. '
+                          f'{[max(need, v // need * need) for v in hr]}')
+    if hrda['hr_loss_weight'] + hrda['lr_loss_weight'] > 1:
+        raise ConfigError(f"config keys 'model.hrda.hr_loss_weight' + 'model.hrda.lr_loss_weight' = "
+                          f'{hrda["hr_loss_weight"]} + {hrda["lr_loss_weight"]} exceed 1 (the fused loss gets '
+                          f'1 - their sum)')
+    min_size = math.ceil(_MIT_MIN_SIZE / context)  # the context view goes through the MiT encoder
+    if test['mode'] == 'slide' and min(test['crop_size']) < min_size:
+        raise ConfigError(f"config key 'model.test.crop_size': {test['crop_size']} is too small for HRDA: the "
+                          f'context view ({context:g}x) needs windows of at least {min_size}x{min_size} pixels')
+    if train_input:
+        size, key = train_input
+        if any(h > s for h, s in zip(hr, size)):
+            raise ConfigError(f"config key 'model.hrda.hr_crop_size': {hr} is larger than the training crop "
+                              f'{key} {size}: the detail crop is cut out of it')
+        if min(size) < min_size or any(v % divisor for v in size):
+            raise ConfigError(f'config key {key!r}: {size} must be divisible by {divisor} and at least '
+                              f'{min_size}x{min_size} pixels for HRDA with context scale {context:g}')
+
+
+def check_values(cfg, section=None):
+    """Raise ConfigError, naming the key, for a value outside its range or keys that do not fit
+    together. cfg: a whole config (section None) or one section ('model', 'data', ...)."""
+    _check_ranges(cfg, section or '')
+    if section is None:
+        _check_relations(cfg['model'], cfg['data'])
+    elif section == 'model':
+        _check_relations(cfg)
+
+
 def defaults(section=None):
     """The default config as a plain dict (or one section of it: 'model', 'data', ...)."""
     tree = dataclasses.asdict(Config())
@@ -371,7 +577,9 @@ def resolve_section(name, values):
     cls = typing.get_type_hints(Config)[name]
     if validated(values, cls):
         return values
-    return to_attrdict(_merge_section(cls, defaults(name), to_plain(values or {}), name), cls)
+    section = _merge_section(cls, defaults(name), to_plain(values or {}), name)
+    check_values(section, name)
+    return to_attrdict(section, cls)
 
 
 def parse_override(text):
@@ -394,9 +602,14 @@ def _nest(key, value):
     return out
 
 
-def merge(cfg, update):
-    """Validate a (nested, partial) update and merge it into a full config dict."""
-    return to_attrdict(_merge_section(Config, to_plain(cfg), to_plain(update), ''), Config)
+def merge(cfg, *updates):
+    """Validate (nested, partial) updates and merge them, in order, into a full config dict; the
+    ranges and relations of the values are checked on the result."""
+    out = to_plain(cfg)
+    for update in updates:
+        out = _merge_section(Config, out, to_plain(update), '')
+    check_values(out)
+    return to_attrdict(out, Config)
 
 
 def load_config(path=None, overrides=()):
@@ -421,12 +634,20 @@ def load_config(path=None, overrides=()):
     for text in overrides:
         key, value = parse_override(text)
         cfg = _merge_section(Config, cfg, _nest(key, value), '')
+    check_values(cfg)  # once all overrides are in: keys that must fit together may change one by one
     return to_attrdict(cfg, Config)
 
 
 def dump_yaml(cfg):
     import yaml
     return yaml.safe_dump(to_plain(cfg), sort_keys=False, default_flow_style=None)
+
+
+def exit_error(message):
+    """How every script stops on a clear error: one line 'error: <message>' on stderr and exit
+    status 2 (argparse's status for usage errors too). `message` may be an exception."""
+    print(f'error: {message}', file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def main(argv=None):
@@ -437,7 +658,7 @@ def main(argv=None):
     try:
         sys.stdout.write(dump_yaml(load_config(args.cfg, args.opt)))
     except ConfigError as e:
-        sys.exit(f'error: {e}')
+        exit_error(e)
 
 
 if __name__ == '__main__':

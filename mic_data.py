@@ -16,13 +16,21 @@ Library use (mic_train.py, mic_eval.py):
 Every random choice of training sample k comes from np.random.default_rng([seed, rank, k]), so the
 samples do not depend on the number of loader workers, and a run resumed at iteration i sees the
 same samples as an uninterrupted one (build_train_loader(..., start_iter=i)).
+
+Faults: a DataError raised in a loader worker reaches the caller with its own one-line message
+(DataError recovers it from torch's worker traceback); files are written with atomic_write, which
+raises OutputError (a DataError) naming the folder and the cause (read-only, disk full, permission,
+missing folder) and keeps an existing file intact; make_dirs / check_writable do the same for
+output folders. limit_threads() caps a process's torch threads at its CPU cores (loader workers
+use one thread each).
 """
 import argparse
 import dataclasses
+import errno
 import json
 import os
+import re
 import secrets
-import sys
 import warnings
 
 import numpy as np
@@ -30,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mic_config import DatasetConfig, resolve_section, validated
+from mic_config import ConfigError, DatasetConfig, exit_error, resolve_section, validated
 
 # --------------------------------------------------------------------------
 # Classes, palettes, label-id tables
@@ -64,7 +72,28 @@ CS_ID_COLOURS = {0: (0, 0, 0), 1: (0, 0, 0), 2: (0, 0, 0), 3: (0, 0, 0), 4: (0, 
 
 
 class DataError(Exception):
-    """A data problem (missing folder, unreadable file, wrong format); the message says how to fix it."""
+    """A data problem (missing folder, unreadable file, wrong format); the message says how to fix it.
+
+    Raised in a DataLoader worker, it reaches the main process as type(e)(text) with the text
+    'Caught DataError in DataLoader worker process 0.', the worker's traceback and its last line
+    'mic_data.DataError: <message>'. The message is recovered from that text here, so that every
+    script prints one line; the text stays in `worker_traceback`.
+    """
+
+    def __init__(self, message='', *args):
+        self.worker_traceback = None
+        if isinstance(message, str) and message.startswith(f'Caught {type(self).__name__} in DataLoader worker'):
+            # the traceback's last line is '<module>.<class name>: <message>' (the message may span lines)
+            lines = list(re.finditer(rf'^(?:[\w.]+\.)?{type(self).__name__}: ', message, re.MULTILINE))
+            if lines:
+                self.worker_traceback = message
+                message = message[lines[-1].end():].rstrip('\n')
+        super().__init__(message, *args)
+
+
+class OutputError(DataError):
+    """An output file or folder cannot be written: read-only file system, full disk, no permission,
+    impossible path. The message names the folder, the cause and what to do."""
 
 
 def id_lut(mapping, size=256):
@@ -98,9 +127,26 @@ def _open_image(path, what):
     return img
 
 
+_16BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # Pillow's modes of 16-bit grayscale images
+
+
 def read_image(path):
-    """An image file -> uint8 [H,W,3] RGB (grayscale, palette and RGBA images are converted)."""
+    """An image file -> uint8 [H,W,3] RGB (grayscale, palette and RGBA images are converted).
+
+    16-bit images are scaled to 8 bits by keeping the high byte of each sample: Pillow does so itself
+    for 16-bit RGB(A) PNGs; 16-bit grayscale (modes I;16 / I) is done here (Pillow's conversion
+    would clip every value above 255 to white).
+    """
     img = _open_image(path, 'image')
+    if img.mode in _16BIT_MODES:
+        grey = np.asarray(img)
+        if grey.min(initial=0) < 0 or grey.max(initial=0) > 65535:
+            raise DataError(f'image {path} holds 32-bit values ({grey.min()}..{grey.max()}), not an 8- or 16-bit '
+                            f'image; convert it to an 8-bit RGB PNG or JPEG')
+        return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    if img.mode == 'F':
+        raise DataError(f'image {path} holds floating-point values (mode F), not an 8- or 16-bit image; '
+                        f'convert it to an 8-bit RGB PNG or JPEG')
     if img.mode != 'RGB':
         img = img.convert('RGB')
     return np.array(img)  # a writable copy (torch.from_numpy warns on read-only arrays)
@@ -116,26 +162,106 @@ def read_label(path):
     return np.array(img)
 
 
+# errno -> (cause, what to do); {folder} is the output folder
+_WRITE_FAULTS = {
+    errno.EROFS: ('{folder} is on a read-only file system', 'choose a folder on a writable disk'),
+    errno.ENOSPC: ('no space is left on the disk of {folder}', 'free some space or choose a folder on another disk'),
+    errno.EDQUOT: ('the disk quota of {folder} is used up', 'free some space or choose a folder on another disk'),
+    errno.EFBIG: ('the file is too large for the file system of {folder}', 'choose a folder on another disk'),
+    errno.EACCES: ('permission denied in {folder}', 'choose a folder you can write to, or change its permissions'),
+    errno.EPERM: ('permission denied in {folder}', 'choose a folder you can write to, or change its permissions'),
+    errno.ENOENT: ('the folder {folder} does not exist', 'create it or choose an existing folder'),
+    errno.ENOTDIR: ('a part of {folder} is a file, not a folder', 'choose another folder'),
+    errno.EISDIR: ('a folder has the name of the file', 'remove that folder or choose another one'),
+}
+
+
+def _errno_text(e):
+    return f'[{errno.errorcode.get(e.errno, e.errno)}] {e.strerror or e}'
+
+
+def output_error(e, path, folder=None, what=None):
+    """OutputError for the OSError `e` raised while writing `path` (a file in `folder`):
+    '<what, default: cannot write PATH>: <cause naming the folder> ([ERRNO] text); <what to do>'."""
+    folder = folder or os.path.dirname(os.path.abspath(path))
+    cause, advice = _WRITE_FAULTS.get(e.errno, ('{folder}: ' + str(e.strerror or e), 'choose another folder'))
+    return OutputError(f'{what or f"cannot write {path}"}: {cause.format(folder=folder)} ({_errno_text(e)}); {advice}')
+
+
+def make_dirs(folder):
+    """os.makedirs(folder, exist_ok=True); OutputError (naming the folder and the cause) when impossible."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        parent = os.path.abspath(folder)
+        while not os.path.isdir(parent):  # the deepest folder that exists
+            parent = os.path.dirname(parent)
+        if isinstance(e, FileExistsError) or e.errno == errno.ENOTDIR:
+            cause = 'a file of that name (or of one of its parents) exists'
+        elif e.errno == errno.ENOENT:  # e.g. under /proc: the parent exists but takes no new folders
+            cause = f'{parent} does not allow new folders'
+        else:
+            cause = _WRITE_FAULTS.get(e.errno, ('{folder}: ' + str(e.strerror), ''))[0].format(folder=parent)
+        raise OutputError(f'cannot create the folder {folder}: {cause} ({_errno_text(e)}); '
+                          f'choose another output folder') from None
+
+
+def check_writable(folder):
+    """Create `folder` if needed and write (then delete) a small hidden file in it, so that a
+    read-only, full or forbidden output folder fails now with OutputError, not after hours of work."""
+    make_dirs(folder)
+    probe = os.path.join(folder, f'.write_check.{secrets.token_hex(4)}.tmp')  # a temp file (is_temp_file)
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                f.write(b'MIC write check\n')
+        finally:
+            os.unlink(probe)
+    except OSError as e:
+        raise output_error(e, probe, folder, what=f'cannot write to the folder {folder}') from None
+
+
 def atomic_write(path, write_fn, mode='wb'):
     """Call write_fn(f) on a temporary file beside `path`, then rename it to `path`.
 
     A crash never leaves a half-written file under the final name; leftovers are hidden files
-    named '.<name>.<random>.tmp' in the same folder.
+    named '.<name>.<random>.tmp' in the same folder. An OSError while writing (read-only file
+    system, full disk, permissions, missing folder) removes the temporary file, keeps an existing
+    `path` as it was and raises OutputError naming the folder, the cause and what to do.
     """
     folder = os.path.dirname(path) or '.'
     tmp = os.path.join(folder, f'.{os.path.basename(path)}.{secrets.token_hex(4)}.tmp')
     # os.open with 0o666 (not mkstemp's 0o600) so the result gets the usual umask permissions
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise output_error(e, path) from None
     try:
         with os.fdopen(fd, mode) as f:
             write_fn(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        cause = _os_error_in(e)
+        if cause is not None:
+            raise output_error(cause, path) from None
         raise
+
+
+def _os_error_in(e):
+    """The OSError (with an errno) that `e` is or arose from: a writer may replace the OSError of
+    its file by its own error while cleaning up (torch.save: RuntimeError 'unexpected pos')."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def is_temp_file(name):
@@ -277,17 +403,25 @@ def list_samples(ds_cfg, split=None, need_labels=None):
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp')
 
 
-def list_images(folder):
-    """Sorted paths of all .png/.jpg/.jpeg/.bmp files under `folder` (recursively)."""
+def scan_images(folder):
+    """(images, others): sorted paths of the .png/.jpg/.jpeg/.bmp files under `folder` (recursively)
+    and of the other files there, which are not read (temporary files of atomic_write are neither)."""
     if not os.path.isdir(folder):
         raise DataError(f'image folder {folder} does not exist')
-    paths = []
+    images, others = [], []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        paths.extend(os.path.join(dirpath, n) for n in filenames
-                     if n.lower().endswith(IMAGE_EXTENSIONS) and not is_temp_file(n))
-    if not paths:
-        raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {folder}')
-    return sorted(paths)
+        for n in filenames:
+            if not is_temp_file(n):
+                (images if n.lower().endswith(IMAGE_EXTENSIONS) else others).append(os.path.join(dirpath, n))
+    if not images:
+        held = f' (it holds {len(others)} other file(s), e.g. {others[0]})' if others else ''
+        raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {folder}{held}')
+    return sorted(images), sorted(others)
+
+
+def list_images(folder):
+    """Sorted paths of all .png/.jpg/.jpeg/.bmp files under `folder` (recursively)."""
+    return scan_images(folder)[0]
 
 
 # --------------------------------------------------------------------------
@@ -573,16 +707,55 @@ class InfiniteSampler(torch.utils.data.Sampler):
         self.next_index = int(state['next_index'])
 
 
+def worker_init_fn(worker_id):
+    """Loader workers compute with one thread each: N workers with one thread per core each would
+    oversubscribe the CPU, which the main process needs meanwhile. (torch's worker loop sets 1
+    too, at present; this keeps it so whatever the version.)"""
+    torch.set_num_threads(1)
+
+
+def usable_cores():
+    """The CPU cores this process may use: its affinity mask (taskset, a container's cpuset),
+    lowered to a cgroup v2 CPU quota (docker --cpus) when one is set."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        with open('/sys/fs/cgroup/cpu.max') as f:
+            quota, period = f.read().split()[:2]
+        if quota != 'max':
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def limit_threads(local_world_size=None):
+    """Cap this process's torch intra-op threads at usable_cores() divided by the processes of
+    this node (local_world_size; default: torchrun's LOCAL_WORLD_SIZE, else 1). Never raises the
+    number (OMP_NUM_THREADS=1 stays 1). Returns the number of threads now used."""
+    if local_world_size is None:
+        local_world_size = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    limit = max(1, usable_cores() // max(1, int(local_world_size)))
+    if torch.get_num_threads() > limit:
+        torch.set_num_threads(limit)
+    return torch.get_num_threads()
+
+
 def build_train_loader(data_cfg, seed, rank=0, start_iter=0):
     """DataLoader of UDADataset batches: img [B,3,h,w], gt [B,1,h,w], target_img, valid_pseudo_mask, rare_class [B].
 
     Batch i of this loader = batch start_iter + i of a loader started at 0 (same seed and rank).
+    Workers use one thread each (worker_init_fn); a DataError in a worker reaches the caller as
+    the same DataError (see DataError).
     """
     dataset = UDADataset(data_cfg, seed, rank)
     bs, workers = dataset.cfg['batch_size'], dataset.cfg['num_workers']
     return torch.utils.data.DataLoader(
         dataset, batch_size=bs, sampler=InfiniteSampler(start=start_iter * bs), num_workers=workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=True)
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=True,
+        worker_init_fn=worker_init_fn if workers > 0 else None)
 
 
 # --------------------------------------------------------------------------
@@ -640,7 +813,7 @@ def _show(args):
     from mic_config import load_config
     cfg = load_config(args.cfg, args.opt)
     dataset = UDADataset(cfg.data, seed=cfg.train.seed)
-    os.makedirs(args.out, exist_ok=True)
+    make_dirs(args.out)
     for k in range(args.num):
         s = dataset[k]
         mask = np.repeat(s['valid_pseudo_mask'][0].numpy()[..., None] * 255, 3, axis=2)
@@ -664,8 +837,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         _show(args)
-    except DataError as e:
-        sys.exit(f'error: {e}')
+    except (DataError, ConfigError) as e:
+        exit_error(e)
 
 
 if __name__ == '__main__':

@@ -18,12 +18,11 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 
-from mic_config import ConfigError, DemoConfig
+from mic_config import ConfigError, DemoConfig, exit_error
 from mic_data import CLASSES, CS_ID_COLOURS, CS_ID_TO_TRAIN_ID, DataError, save_json, save_png
 
 # Both domains share one scene generator (a pinhole camera over a street: road, sidewalks,
@@ -716,7 +715,7 @@ def main(argv=None):
                 convert_labels.convert_dataset(kind, os.path.join(args.root, kind), nproc=args.nproc, progress=False)
         print(f'wrote the demo benchmark to {args.root}')
     except (DataError, ConfigError) as e:
-        sys.exit(f'error: {e}')
+        exit_error(e)
 
 
 if __name__ == '__main__':

@@ -16,14 +16,18 @@ benchmark servers, and predictions on any folder of images.
         Cityscapes test set: OUT/labelIds/<city>_<seq>_<frame>_leftImg8bit.png, 8-bit Cityscapes label
         ids (cityscapesscripts' evalPixelLevelSemanticLabeling accepts the folder as it is)
     python mic_eval.py --ckpt work_dirs/gta2cs/latest.pth --images photos/ --out photos_pred/
-        any folder of images (png/jpg/bmp, any size): OUT/<stem>_pred.png (colour prediction) and
-        OUT/<stem>_overlay.png (prediction blended over the image); no labels needed
+        any folder of images (png/jpg/bmp, any size, 8 or 16 bits): OUT/<stem>_pred.png (colour
+        prediction) and OUT/<stem>_overlay.png (prediction blended over the image); no labels needed.
+        Other files in the folder are listed and skipped; an unreadable image stops the run unless
+        --skip-unreadable is given (then such images are skipped and listed at the end)
     torchrun --standalone --nproc_per_node=4 mic_eval.py --ckpt work_dirs/gta2cs/latest.pth
         the same on 4 GPUs: rank r evaluates images r, r+4, ...; the confusion matrices are summed
     python mic_eval.py --ckpt ... --amp bf16 --opt model.test.stride=[768,768]
         bf16 autocast, and any config override (`--opt key.sub=value`, YAML values)
 
---out defaults to the checkpoint's folder (for --images: <checkpoint folder>/pred_<images folder name>).
+--out defaults to the checkpoint's folder (for --images: <checkpoint folder>/pred_<images folder name>);
+it is checked for writing before the model runs. Errors end the program with one line 'error: ...'
+on stderr and exit status 2.
 metrics.json (written atomically, only after the whole split was evaluated) holds mIoU, the
 per-class IoU (null for classes absent from both labels and predictions), aAcc and mIoU16, all in
 percent, and num_images, num_pixels, checkpoint, config, split, dataset_type, dataset_root.
@@ -40,7 +44,6 @@ the summed result. A caller that runs it on rank 0 only passes distributed=False
 import argparse
 import collections
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -51,7 +54,7 @@ from tqdm import tqdm
 import mic_config
 import mic_data
 import mic_model
-from mic_config import ConfigError
+from mic_config import ConfigError, exit_error
 from mic_data import CLASSES, IGNORE_INDEX, SYNTHIA_CLASSES, DataError
 from mic_model import CheckpointError
 
@@ -184,11 +187,13 @@ def format_table(metrics):
 # --------------------------------------------------------------------------
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Any images (png/jpg/bmp, RGB, grayscale or RGBA) with the test transform of EvalDataset:
-    resize keeping the ratio to fit img_scale, normalise. Items like EvalDataset's, label None."""
+    """Any images (png/jpg/bmp, RGB, grayscale or RGBA, 8 or 16 bits) with the test transform of
+    EvalDataset: resize keeping the ratio to fit img_scale, normalise. Items like EvalDataset's,
+    label None. `skipped`: the other files of the folder (not images by their extension)."""
 
     def __init__(self, folder, img_scale):
-        self.samples = [(p, None) for p in mic_data.list_images(folder)]
+        images, self.skipped = mic_data.scan_images(folder)
+        self.samples = [(p, None) for p in images]
         self.img_scale = img_scale
 
     def __len__(self):
@@ -225,7 +230,7 @@ class _CheckedItems(torch.utils.data.Dataset):
                                     f'labels must be converted to train ids (python convert_labels.py)')
             return item
         except DataError as e:
-            return {'error': str(e)}
+            return {'error': str(e), 'img_path': self.dataset.samples[self.indices[i]][0]}
 
 
 def output_names(paths, suffix='.png'):
@@ -283,10 +288,16 @@ class _Writer:
         while len(self.pending) > self.max_pending:
             self.pending.popleft().result()
 
-    def close(self):
+    def close(self, raise_errors=True):
+        """Wait for every write; raise the first error (raise_errors=False: on an error path, where
+        the writes' own errors, e.g. the same full disk, would only hide the first one)."""
         try:
             while self.pending:
-                self.pending.popleft().result()
+                future = self.pending.popleft()
+                if raise_errors:
+                    future.result()
+                else:
+                    future.exception()
         finally:
             self.pool.shutdown(wait=True)
 
@@ -328,13 +339,16 @@ def _dist_rank_world(distributed):
 @torch.no_grad()
 def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_dir=None, export_dir=None,
                   export_format='trainids', names=None, overlay_names=None, progress=True, distributed=None,
-                  num_workers=2, desc='eval'):
+                  num_workers=2, desc='eval', skipped=None, error_hint=''):
     """Predict every image of `dataset` (EvalDataset-like items), accumulate the confusion matrix
     of the labelled ones and write the requested PNGs.
 
     pred_dir: colour predictions pred_dir/names[i]; export_dir: train-id or label-id PNGs
     export_dir/names[i] (export_format); overlay_names: also the prediction blended over the image,
     pred_dir/overlay_names[i]. names default to the image stem + '.png'.
+    An unreadable image (or label) raises DataError with its message + error_hint; unless `skipped`
+    is a list: then such images are skipped (nothing written for them) and (path, message) pairs of
+    all ranks are appended to it.
     Returns (conf [K,K] int64 on `device`, num_images, num_labelled), summed over ranks.
     """
     net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -352,7 +366,7 @@ def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_
         names = output_names(paths)
     for folder in (pred_dir, export_dir):
         if folder:
-            os.makedirs(folder, exist_ok=True)
+            mic_data.make_dirs(folder)
             if rank == 0:
                 _remove_temp_files(folder)
     if export_dir:
@@ -362,16 +376,23 @@ def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_
 
     loader = torch.utils.data.DataLoader(
         _CheckedItems(dataset, range(rank, len(dataset), world), K), batch_size=1, shuffle=False,
-        num_workers=num_workers, collate_fn=mic_data.eval_collate)
+        num_workers=num_workers, collate_fn=mic_data.eval_collate,
+        worker_init_fn=mic_data.worker_init_fn if num_workers > 0 else None)
     conf = torch.zeros(K * K, dtype=torch.int64, device=device)
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # images, labelled images
     writer = _Writer() if (pred_dir or export_dir) else None
     was_training = net.training
     net.eval()
+    failed = []  # this rank's skipped images
+    ok = False
+    bar = tqdm(loader, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
     try:
-        for j, item in enumerate(tqdm(loader, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)):
+        for j, item in enumerate(bar):
             if 'error' in item:
-                raise DataError(item['error'])
+                if skipped is None:
+                    raise DataError(item['error'] + error_hint)
+                failed.append((item['img_path'], item['error']))
+                continue
             img = item['img'].to(device, non_blocking=True)[None]
             with torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16,
                                 enabled=amp != 'none'):
@@ -389,13 +410,21 @@ def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_
                               os.path.join(export_dir, names[i]) if export_dir else None, export_format,
                               item['img_path'],
                               os.path.join(pred_dir, overlay_names[i]) if overlay_names and pred_dir else None)
+        ok = True
     finally:
+        bar.close()  # ends the bar's line, so that an error message starts on its own
         if writer is not None:
-            writer.close()
+            writer.close(raise_errors=ok)
         net.train(was_training)
     if world > 1:
         dist.all_reduce(conf)
         dist.all_reduce(counts)
+        if skipped is not None:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, failed)
+            failed = sorted(f for part in gathered for f in part)
+    if skipped is not None:
+        skipped.extend(failed)
     n_images, n_labelled = counts.tolist()
     return conf.view(K, K), n_images, n_labelled
 
@@ -461,13 +490,13 @@ def resolve_config(ckpt_path, cfg_path=None, overrides=(), data_root=None, split
         raise EvalError(f'checkpoint {ckpt_path} holds no config (a released MIC checkpoint?): pass the config '
                         f'it was trained with, e.g. --cfg configs/gta2cs.yaml (GTA->Cityscapes), '
                         f'configs/synthia2cs.yaml, configs/cs2acdc.yaml or configs/cs2darkzurich.yaml')
-    for text in overrides:
-        key, value = mic_config.parse_override(text)
-        cfg = mic_config.merge(cfg, _nest(key, value))
+    updates = [_nest(*mic_config.parse_override(text)) for text in overrides]
     if data_root is not None:
-        cfg = mic_config.merge(cfg, {'data': {'val': {'root': data_root}}})
+        updates.append({'data': {'val': {'root': data_root}}})
     if split is not None:
-        cfg = mic_config.merge(cfg, {'data': {'val': {'split': split}}})
+        updates.append({'data': {'val': {'split': split}}})
+    if updates:  # all at once: keys that must fit together (checked on the result) may change together
+        cfg = mic_config.merge(cfg, *updates)
     return cfg, source
 
 
@@ -500,6 +529,8 @@ def parse_args(argv=None):
     parser.add_argument('--images', default=None, metavar='DIR',
                         help='predict every image under DIR instead of a dataset split: '
                              'OUT/<name>_pred.png and OUT/<name>_overlay.png')
+    parser.add_argument('--skip-unreadable', action='store_true',
+                        help='with --images: skip images that cannot be read (listed at the end) instead of stopping')
     parser.add_argument('--no-preds', action='store_true', help='do not write colour predictions (OUT/preds/)')
     parser.add_argument('--amp', default='none', choices=['none', 'bf16'], help='autocast precision of inference')
     parser.add_argument('--opt', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
@@ -507,6 +538,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.images and (args.format or args.split or args.data_root):
         parser.error('--images predicts a folder of images: it takes no --format, --split or --data-root')
+    if args.skip_unreadable and not args.images:
+        parser.error('--skip-unreadable applies to --images only: a dataset split is evaluated whole '
+                     '(a skipped image would change the mIoU)')
     return args
 
 
@@ -518,9 +552,19 @@ def run(args, rank=0, world=1, device=None):
     if not args.images and val['split'] == 'test' and not args.format:
         fmt = 'labelids' if val['type'] == 'cityscapes' else 'trainids'
         raise EvalError(f'the test split has no labels, so no mIoU can be computed here; export the predictions '
-                        f'for the benchmark server instead:\n  python mic_eval.py --ckpt {args.ckpt} --split test '
+                        f'for the benchmark server instead: python mic_eval.py --ckpt {args.ckpt} --split test '
                         f'--format {fmt}' + (f' --cfg {args.cfg}' if args.cfg else ''))
     ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt))
+    if args.images:
+        folder = args.images.rstrip('/') or '/'
+        out = args.out or os.path.join(ckpt_dir, 'pred_' + os.path.basename(os.path.abspath(folder)))
+        if os.path.commonpath([os.path.abspath(out), os.path.abspath(folder)]) == os.path.abspath(folder):
+            raise EvalError(f'--out {out} lies inside the images folder {folder}; choose another --out')
+        dataset = ImageFolder(folder, val['img_scale'])
+    else:
+        out = args.out or ckpt_dir
+    if rank == 0:
+        mic_data.check_writable(out)  # a read-only or forbidden --out fails now, not after the evaluation
 
     model = mic_model.build_model(cfg['model'], load_pretrained=False)
     mic_model.load_checkpoint(model, args.ckpt)
@@ -529,21 +573,27 @@ def run(args, rank=0, world=1, device=None):
     num_workers = cfg['data']['num_workers']
 
     if args.images:
-        folder = args.images.rstrip('/') or '/'
-        out = args.out or os.path.join(ckpt_dir, 'pred_' + os.path.basename(os.path.abspath(folder)))
-        if os.path.commonpath([os.path.abspath(out), os.path.abspath(folder)]) == os.path.abspath(folder):
-            raise EvalError(f'--out {out} lies inside the images folder {folder}; choose another --out')
-        dataset = ImageFolder(folder, val['img_scale'])
+        if dataset.skipped:
+            print0(_skipped_files_note(dataset.skipped, folder))
         stems = _images_names(folder, [s[0] for s in dataset.samples])
-        for stem in stems:
-            os.makedirs(os.path.dirname(os.path.join(out, stem)), exist_ok=True)
+        for sub in sorted({os.path.dirname(os.path.join(out, stem)) for stem in stems}):
+            mic_data.make_dirs(sub)
+        unreadable = [] if args.skip_unreadable else None
         run_inference(model, dataset, K, device, args.amp, pred_dir=out, names=[s + '_pred.png' for s in stems],
                       overlay_names=[s + '_overlay.png' for s in stems], distributed=world > 1,
-                      num_workers=num_workers, desc='predict')
-        print0(f'wrote colour predictions and overlays of {len(dataset)} images to {out}')
+                      num_workers=num_workers, desc='predict', skipped=unreadable,
+                      error_hint='. To skip unreadable images and list them at the end, run again with '
+                                 '--skip-unreadable')
+        done = len(dataset) - len(unreadable or [])
+        print0(f'wrote colour predictions and overlays of {done} images to {out}')
+        if dataset.skipped:
+            print0(f'skipped {len(dataset.skipped)} file(s) that are not images (listed above)')
+        if unreadable:
+            print0(f'skipped {len(unreadable)} unreadable image(s), no prediction written for them:')
+            for path, message in unreadable:
+                print0(f'  {path}: {message}')
         return None
 
-    out = args.out or ckpt_dir
     export_dir = os.path.join(out, EXPORT_FOLDERS[args.format]) if args.format else None
     metrics = evaluate(model, val, K, device, args.amp, pred_dir=None if args.no_preds else os.path.join(out, 'preds'),
                        synthia16=cfg['data']['source']['type'] == 'synthia' and K == len(CLASSES),
@@ -554,7 +604,7 @@ def run(args, rank=0, world=1, device=None):
                        dataset_type=val['type'], dataset_root=os.path.abspath(val['root']))
         if rank == 0:
             print(format_table(metrics))
-            os.makedirs(out, exist_ok=True)
+            mic_data.make_dirs(out)
             path = os.path.join(out, 'metrics.json')
             mic_data.save_json(path, metrics)
             print(f'wrote {path}')
@@ -567,13 +617,21 @@ def run(args, rank=0, world=1, device=None):
     return metrics if 'mIoU' in metrics else None
 
 
+def _skipped_files_note(paths, folder, show=20):
+    names = [os.path.relpath(p, folder) for p in paths]
+    listed = ', '.join(names[:show]) + (f', ... ({len(names) - show} more)' if len(names) > show else '')
+    return (f'skipping {len(names)} file(s) under {folder} that are not images '
+            f'({", ".join(mic_data.IMAGE_EXTENSIONS)}): {listed}')
+
+
 def main(argv=None):
     args = parse_args(argv)
+    mic_data.limit_threads()
     rank, world, device = setup_distributed()
     try:
         return run(args, rank, world, device)
     except (DataError, CheckpointError, ConfigError, EvalError, FileNotFoundError) as e:
-        sys.exit(f'error: {e}')
+        exit_error(e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

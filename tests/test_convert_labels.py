@@ -1,6 +1,7 @@
 """convert_labels.py: id -> train id tables, the 16-bit PNG decoder, RCS statistics, re-runs and errors."""
 import json
 import os
+import re
 import struct
 import zlib
 
@@ -330,5 +331,6 @@ def test_command_line(tmp_path, write_gta, capsys):
     convert_labels.main(['gta', root, '--quiet'])
     out = capsys.readouterr().out
     assert '2 converted' in out and '9 pixels had ids outside the table' in out
-    with pytest.raises(SystemExit, match='error: .*missing does not exist'):
+    with pytest.raises(SystemExit) as e:
         convert_labels.main(['gta', str(tmp_path / 'missing'), '--quiet'])
+    assert e.value.code == 2 and re.fullmatch(r'error: .*missing does not exist.*\n', capsys.readouterr().err)

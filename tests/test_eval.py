@@ -1,5 +1,7 @@
 """mic_eval: metrics against hand computations and the official Cityscapes script, exports, inference
 on any images, checkpoint layouts, distributed evaluation and every bad-input message."""
+import contextlib
+import io
 import json
 import multiprocessing
 import os
@@ -97,11 +99,16 @@ def write_yaml(path, cfg):
 
 
 def run_main(argv):
-    """mic_eval.main in-process; returns (metrics or None, error message or None)."""
+    """mic_eval.main in-process; returns (metrics or None, error message or None). An error ends
+    it with exit status 2 and one line 'error: ...' on stderr."""
+    stderr = io.StringIO()
     try:
-        return mic_eval.main([str(a) for a in argv]), None
+        with contextlib.redirect_stderr(stderr):
+            return mic_eval.main([str(a) for a in argv]), None
     except SystemExit as e:
-        return None, str(e.code)
+        errors = [line for line in stderr.getvalue().splitlines() if line.startswith('error: ')]
+        assert e.code == 2 and len(errors) == 1, (e.code, stderr.getvalue())
+        return None, errors[0]
 
 
 def read_json(path):
@@ -249,7 +256,7 @@ def test_cli_overrides_and_cfg(tmp_path, controlled):
     # --data-root fixes the stored root; --opt applies on top; --out elsewhere; --no-preds
     metrics, err = run_main(['--ckpt', tmp_path / 'latest.pth', '--data-root', tmp_path / 'cs', '--out',
                              tmp_path / 'o', '--no-preds', '--opt', 'model.test.mode=slide',
-                             'model.test.crop_size=[32,32]'])
+                             'model.test.crop_size=[32,32]', 'model.test.stride=[16,16]'])
     assert err is None and metrics['num_images'] == 2
     assert os.listdir(tmp_path / 'o') == ['metrics.json']
     # --cfg replaces the stored config
