@@ -24,6 +24,9 @@ benchmark servers, and predictions on any folder of images.
         the same on 4 GPUs: rank r evaluates images r, r+4, ...; the confusion matrices are summed
     python mic_eval.py --ckpt ... --amp bf16 --opt model.test.stride=[768,768]
         bf16 autocast, and any config override (`--opt key.sub=value`, YAML values)
+    python mic_eval.py --summary 'work_dirs/gta2cs_s*' [--summary-json summary.json]
+        mean ± sample std (n - 1) over finished runs (seeds) of mIoU and per-class IoU, from their
+        metrics.json: a markdown table (mic_report.py); folders without metrics.json are listed
 
 --out defaults to the checkpoint's folder (for --images: <checkpoint folder>/pred_<images folder name>);
 it is checked for writing before the model runs. Errors end the program with one line 'error: ...'
@@ -510,9 +513,10 @@ def parse_args(argv=None):
                '  python mic_eval.py --ckpt work_dirs/cs2acdc/latest.pth --split test --format trainids\n'
                '  python mic_eval.py --ckpt work_dirs/gta2cs/latest.pth --split test --format labelids\n'
                '  python mic_eval.py --ckpt work_dirs/gta2cs/latest.pth --images photos/ --out photos_pred/\n'
-               '  torchrun --standalone --nproc_per_node=4 mic_eval.py --ckpt work_dirs/gta2cs/latest.pth',
+               '  torchrun --standalone --nproc_per_node=4 mic_eval.py --ckpt work_dirs/gta2cs/latest.pth\n'
+               "  python mic_eval.py --summary 'work_dirs/gta2cs_s*'",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--ckpt', required=True,
+    parser.add_argument('--ckpt', default=None,
                         help='checkpoint: ours (work_dirs/RUN/latest.pth, config inside) or a released MIC one')
     parser.add_argument('--cfg', default=None,
                         help='YAML config; required for released checkpoints, replaces the stored config of ours')
@@ -535,7 +539,15 @@ def parse_args(argv=None):
     parser.add_argument('--amp', default='none', choices=['none', 'bf16'], help='autocast precision of inference')
     parser.add_argument('--opt', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                         help='config overrides, e.g. model.test.mode=whole data.num_workers=0')
+    parser.add_argument('--summary', nargs='+', default=None, metavar='RUN',
+                        help="instead of evaluating: mean ± std over finished run folders (folders or quoted "
+                             "globs, e.g. 'work_dirs/gta2cs_s*') of mIoU and per-class IoU, a markdown table")
+    parser.add_argument('--summary-json', default=None, metavar='FILE', help='--summary: also write it as JSON')
     args = parser.parse_args(argv)
+    if args.summary is None and args.ckpt is None:
+        parser.error('the following arguments are required: --ckpt (or --summary RUN ...)')
+    if args.summary is not None and args.ckpt is not None:
+        parser.error('--summary summarises the metrics.json of finished runs: it takes no --ckpt')
     if args.images and (args.format or args.split or args.data_root):
         parser.error('--images predicts a folder of images: it takes no --format, --split or --data-root')
     if args.skip_unreadable and not args.images:
@@ -626,6 +638,9 @@ def _skipped_files_note(paths, folder, show=20):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.summary:  # no model, no device: reads the runs' metrics.json
+        import mic_report
+        return mic_report.summary_main(args.summary, args.summary_json)
     mic_data.limit_threads()
     rank, world, device = setup_distributed()
     try:

@@ -17,7 +17,6 @@ teacher is then an EMA of two different students). build_pair() is also what
 benchmarks/speed_vs_original.py times.
 """
 import argparse
-import copy
 import os
 import sys
 import tempfile
