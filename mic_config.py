@@ -167,8 +167,26 @@ class DataConfig:
 # --------------------------------------------------------------------------
 
 @dataclass
+class AdvSegConfig:  # uda.mode=advseg: output-space adversarial training (AdaptSegNet), Table 1
+    loss: Literal['ls', 'vanilla'] = 'ls'  # discriminator loss: least squares (MSE) or binary cross-entropy
+    lambda_adv: float = 0.001  # weight of the adversarial loss of the segmentor on target predictions
+    lr: float = 1e-4  # discriminator Adam learning rate (betas 0.9, 0.99) ...
+    power: float = 0.9  # ... decayed polynomially with this power ...
+    min_lr: float = 0.0  # ... to this at train.max_iters
+
+
+@dataclass
+class MinEntConfig:  # uda.mode=minent: entropy minimisation on the target (ADVENT's MinEnt), Table 1
+    lambda_ent: float = 0.001  # weight of the mean normalised entropy of the target predictions
+
+
+UDA_MODES = ('dacs', 'source_only', 'advseg', 'minent')  # the keys of mic_train.METHODS
+
+
+@dataclass
 class UDAConfig:
-    mode: Literal['dacs', 'source_only'] = 'dacs'  # DACS self-training, or source-only training
+    # DACS self-training (+ DAFormer/HRDA), source-only training, AdvSeg or MinEnt; MIC goes on top of each
+    mode: Literal[UDA_MODES] = 'dacs'
     alpha: float = 0.999  # EMA teacher momentum (alpha_t = min(1 - 1/(t+1), alpha))
     pseudo_threshold: float = 0.968  # pseudo-label weight = share of target pixels with confidence >= this
     pseudo_weight_ignore_top: int = 0  # DAFormer's legacy margins: zero the pseudo weight of the crop's top rows
@@ -186,6 +204,8 @@ class UDAConfig:
     mask_lambda: float = 1.0  # MIC loss weight
     mask_block_size: int = 64  # patch size of the random mask
     mask_ratio: float = 0.7  # share of masked patches
+    advseg: AdvSegConfig = _section(AdvSegConfig)  # used when mode == 'advseg'
+    minent: MinEntConfig = _section(MinEntConfig)  # used when mode == 'minent'
 
 
 # --------------------------------------------------------------------------
@@ -448,6 +468,12 @@ _RANGES = {
     'uda.mask_lambda': _ge(0),
     'uda.mask_block_size': _ge(1),
     'uda.mask_ratio': _unit(),
+    'uda.advseg.lambda_adv': _ge(0),
+    'uda.advseg.lr': _gt(0),
+    'uda.advseg.power': _ge(0),
+    'uda.advseg.min_lr': _ge(0),
+    'uda.minent.lambda_ent': _ge(0),
+    'optim.momentum': _unit(),
     'optim.lr': _gt(0),
     'optim.head_lr_mult': _ge(0),
     'optim.betas': _unit(n=2, hi_open=True),
