@@ -237,6 +237,8 @@ class TrainConfig:
     debug_img_interval: int = 1000  # iterations between debug image grids (0 = never)
     amp: Literal['none', 'bf16', 'fp16'] = 'none'  # autocast precision (the paper: fp32)
     compile: bool = False  # torch.compile the student's encoder
+    deterministic: bool = False  # deterministic algorithms, no cuDNN autotuning (slower; for comparing runs)
+    tensorboard: bool = False  # also write TensorBoard logs to work_dir/tensorboard (needs `pip install tensorboard`)
     device: Optional[str] = None  # null = cuda if available, else cpu
 
 
@@ -490,7 +492,9 @@ _RANGES = {
     'train.debug_img_interval': _ge(0),
 }
 _MIT_MIN_SIZE = 32  # mic_model.MiT: stage 1 reduces keys/values 8x8 from a map at stride 4
-_OUTPUT_STRIDE = 4  # mic_model.HRDAEncoderDecoder.output_stride
+# the segmentor's output stride per decoder (mic_model: backbone.feature_strides[head.logits_stage];
+# tests/test_config.py holds the two to each other): MiT + DAFormer/SegFormer 4, ResNet + DeepLabV2 8
+HEAD_OUTPUT_STRIDES = {'daformer': 4, 'segformer': 4, 'deeplabv2': 8}
 
 
 def _is_number(v):
@@ -534,10 +538,13 @@ def _check_relations(model, data=None):
         if sync is not None and any(s > c for s, c in zip(sync, crop)):
             raise ConfigError(f"config key 'data.sync_crop_size': {sync} must fit in data.crop_size {crop}")
         train_input = (sync, 'data.sync_crop_size') if sync is not None else (crop, 'data.crop_size')
+    mit = model['backbone']['type'].startswith('mit_')
+    min_input = _MIT_MIN_SIZE if mit else 1
+    out_stride = HEAD_OUTPUT_STRIDES[model['decode_head']['type']]
     if model['type'] != 'hrda':
         for size, key in ((test['crop_size'] if test['mode'] == 'slide' else None, 'model.test.crop_size'),
                           train_input or (None, None)):
-            if size is not None and min(size) < _MIT_MIN_SIZE:
+            if size is not None and min(size) < min_input:
                 raise ConfigError(f'config key {key!r}: {size} is too small: the MiT encoder needs at least '
                                   f'{_MIT_MIN_SIZE}x{_MIT_MIN_SIZE} pixels')
         return
@@ -547,27 +554,30 @@ def _check_relations(model, data=None):
         raise ConfigError(f"config key 'model.hrda.scales': expected [context scale, 1.0] with 4 / context "
                           f'scale an integer (e.g. [0.5, 1.0]), got {hrda["scales"]}')
     context = scales[0]
-    divisor = round(_OUTPUT_STRIDE / context)  # the context logits' stride in input pixels
-    if hrda['crop_coord_divisible'] % divisor:
+    divisor = round(out_stride / context)  # the context logits' stride in input pixels
+    # The detail crop's corner must fall on the output grid. (On the context grid too, ideally: the
+    # original keeps crop_coord_divisible 8 also for DeepLabV2, whose context stride is 16, and
+    # truncates the box there; we do the same, so that is allowed.)
+    if hrda['crop_coord_divisible'] % out_stride:
         raise ConfigError(f"config key 'model.hrda.crop_coord_divisible': {hrda['crop_coord_divisible']} must be "
-                          f'a multiple of {divisor} (output stride {_OUTPUT_STRIDE} / context scale {context:g}), '
-                          f'or the detail crop misaligns with the context logits')
+                          f'a multiple of the output stride {out_stride}, or the detail crop misaligns with the '
+                          f'fused logits')
     # the detail crop's logits must fall on the context grid, and its overlapping windows (stride
     # crop / 2) on the output grid
-    need = _lcm(divisor, 2 * _OUTPUT_STRIDE if hrda['hr_slide_overlapping'] else _OUTPUT_STRIDE)
+    need = _lcm(divisor, 2 * out_stride if hrda['hr_slide_overlapping'] else out_stride)
     hr = hrda['hr_crop_size']
-    if min(hr) < _MIT_MIN_SIZE:
+    if min(hr) < min_input:
         raise ConfigError(f"config key 'model.hrda.hr_crop_size': {hr} is too small: the detail crop goes through "
                           f'the MiT encoder, which needs at least {_MIT_MIN_SIZE}x{_MIT_MIN_SIZE} pixels')
     if any(v % need for v in hr):
         raise ConfigError(f"config key 'model.hrda.hr_crop_size': {hr} must be divisible by {need} (HRDA with "
-                          f'context scale {context:g} and output stride {_OUTPUT_STRIDE}), e.g. '
+                          f'context scale {context:g} and output stride {out_stride}), e.g. '
                           f'{[max(need, v // need * need) for v in hr]}')
     if hrda['hr_loss_weight'] + hrda['lr_loss_weight'] > 1:
         raise ConfigError(f"config keys 'model.hrda.hr_loss_weight' + 'model.hrda.lr_loss_weight' = "
                           f'{hrda["hr_loss_weight"]} + {hrda["lr_loss_weight"]} exceed 1 (the fused loss gets '
                           f'1 - their sum)')
-    min_size = math.ceil(_MIT_MIN_SIZE / context)  # the context view goes through the MiT encoder
+    min_size = math.ceil(min_input / context)  # the context view goes through the encoder too
     if test['mode'] == 'slide' and min(test['crop_size']) < min_size:
         raise ConfigError(f"config key 'model.test.crop_size': {test['crop_size']} is too small for HRDA: the "
                           f'context view ({context:g}x) needs windows of at least {min_size}x{min_size} pixels')

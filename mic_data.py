@@ -264,6 +264,17 @@ def _os_error_in(e):
     return None
 
 
+def remove_temp_files(folder):
+    """Delete the hidden temporary files that a killed atomic_write left in `folder`; their names."""
+    removed = []
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if is_temp_file(name):
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+    return removed
+
+
 def is_temp_file(name):
     """True for the leftover temporary files of an interrupted atomic_write."""
     return name.startswith('.') and name.endswith('.tmp')

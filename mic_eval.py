@@ -46,6 +46,7 @@ the summed result. A caller that runs it on rank 0 only passes distributed=False
 """
 import argparse
 import collections
+import datetime
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -73,6 +74,9 @@ class EvalError(Exception):
 # Distributed helpers (nanoGPT style; mic_train uses these too)
 # --------------------------------------------------------------------------
 
+DIST_TIMEOUT = datetime.timedelta(minutes=10)  # a collective waits this long for a rank that died, then fails
+
+
 def setup_distributed(device=None):
     """(rank, world_size, device) from torchrun's environment variables.
 
@@ -88,11 +92,11 @@ def setup_distributed(device=None):
         torch.cuda.set_device(local)
         dev = torch.device('cuda', local)
         if not dist.is_initialized():
-            dist.init_process_group('nccl', device_id=dev)
+            dist.init_process_group('nccl', device_id=dev, timeout=DIST_TIMEOUT)
     else:
         dev = torch.device('cpu')
         if not dist.is_initialized():
-            dist.init_process_group('gloo')
+            dist.init_process_group('gloo', timeout=DIST_TIMEOUT)
     return dist.get_rank(), dist.get_world_size(), dev
 
 
@@ -258,14 +262,6 @@ def _images_names(folder, paths):
             for s, r in zip(stems, rel)]
 
 
-def _remove_temp_files(folder):
-    """Delete the hidden temporary files an interrupted (killed) run of atomic_write left behind."""
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if mic_data.is_temp_file(name):
-                os.unlink(os.path.join(folder, name))
-
-
 def _check_export_folder(folder, names):
     """The export folder must end up holding one PNG per image and nothing else."""
     if not os.path.isdir(folder):
@@ -371,7 +367,7 @@ def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_
         if folder:
             mic_data.make_dirs(folder)
             if rank == 0:
-                _remove_temp_files(folder)
+                mic_data.remove_temp_files(folder)
     if export_dir:
         _check_export_folder(export_dir, names)
     if world > 1:

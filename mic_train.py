@@ -41,7 +41,8 @@ import mic_data
 import mic_demo
 import mic_eval
 import mic_model
-from mic_config import ConfigError, dump_yaml, load_config, to_plain  # noqa: F401  (load_config is public API here)
+import mic_report
+from mic_config import ConfigError, dump_yaml, exit_error, load_config, to_plain  # noqa: F401  (load_config: public API)
 from mic_eval import is_main, print0, setup_distributed
 
 # --------------------------------------------------------------------------
@@ -295,6 +296,7 @@ def mix_pass(t, s):
     s.plabel, s.pweight = t.pseudo_labels('teacher', s.tgt, s.valid, u.pseudo_threshold)
     # the confidence share: the weight's value wherever the margins leave it alone
     s.logs['pseudo_ratio'] = s.pweight.amax(dim=(1, 2)).mean()
+    s.logs.update(mic_report.pseudo_class_logs(s.plabel, s.valid, mic_data.CLASSES[:t.num_classes]))
     masks = class_mix_masks(s.gt, t.num_classes)
     mixed_img = mix(masks, s.src, s.tgt)
     mixed_lbl = mix(masks, s.gt, s.plabel[:, None])
@@ -651,11 +653,15 @@ def check_work_dir(cfg, resume):
         raise ConfigError(f'{e}\n{ckpt} is in the run folder: delete it or choose another train.work_dir') from None
     if old.get('config') == to_plain(cfg) and old.get('iteration', 0) >= cfg.train.max_iters:
         return True
+    new_folder = 'set train.work_dir to a new folder (--opt train.work_dir=work_dirs/NEW)'
+    old_model = old.get('config', {}).get('model')
+    if old_model is not None and architecture(old_model) != architecture(cfg.model):
+        raise ConfigError(f'{cfg.train.work_dir} already holds a run of another model ({ckpt}, iteration '
+                          f'{old.get("iteration")}, model {architecture(old_model)}): {new_folder}')
     what = 'the same config, stopped at iteration' if old.get('config') == to_plain(cfg) else \
         'a run of another config, at iteration'
     raise ConfigError(f'{cfg.train.work_dir} already holds {what} {old.get("iteration")} ({ckpt}). '
-                      'Pass --resume to continue it, or set train.work_dir to a new folder '
-                      '(--opt train.work_dir=work_dirs/NEW).')
+                      f'Pass --resume to continue it, or {new_folder}.')
 
 
 # --------------------------------------------------------------------------
@@ -718,9 +724,80 @@ def train(cfg, resume=None, command=''):
             dist.destroy_process_group()
 
 
+def set_determinism(deterministic):
+    """train.deterministic: deterministic algorithms and no cuDNN autotuning, so that two runs of
+    one seed on one machine can be compared; otherwise cuDNN picks the fastest kernels (as the original)."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # cuBLAS needs it for determinism
+    torch.use_deterministic_algorithms(deterministic)
+
+
+class RunLog:
+    """What rank 0 writes while training: log.jsonl, TensorBoard (train.tensorboard), report.png,
+    the progress lines and the debug grids. Other ranks get an object that does nothing."""
+
+    def __init__(self, cfg, start, enabled):
+        self.cfg, self.enabled = cfg, enabled
+        self.work_dir = cfg.train.work_dir
+        self.path = os.path.join(self.work_dir, 'log.jsonl')
+        self.progress = mic_report.Progress(cfg.train.max_iters, initial=start, enabled=enabled)
+        self.tb = None
+        if enabled and cfg.train.tensorboard:
+            self.tb = mic_report.TensorBoardWriter(os.path.join(self.work_dir, 'tensorboard'), purge_step=start or None)
+        self.report_note = None  # why report.png cannot be drawn (said once)
+
+    def write(self, record):
+        if not self.enabled:
+            return
+        try:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:
+            raise mic_data.output_error(e, self.path) from None
+        if self.tb is not None:
+            self.tb.add_record(record)
+
+    def train_record(self, record, optimizers):
+        self.write(record)
+        self.progress.log(record)
+        if self.tb is not None:
+            for name, opt in optimizers.items():
+                self.tb.add_learning_rates(opt, record['iteration'])
+
+    def debug_grid(self, trainer, iteration):
+        if not self.enabled:
+            return
+        path = os.path.join(self.work_dir, 'debug', f'{iteration:06d}.png')
+        mic_data.make_dirs(os.path.dirname(path))
+        save_debug_grid(trainer.debug, path, trainer.mean, trainer.std)
+        if self.tb is not None:
+            self.tb.add_image('debug', path, iteration)
+
+    def report(self):
+        """Redraw report.png (matplotlib is optional: without it, say so once and go on)."""
+        if not self.enabled or self.report_note:
+            return
+        try:
+            mic_report.write_report(self.work_dir)
+        except mic_report.MissingPackageError as e:
+            self.report_note = str(e)
+            self.progress.write(f'note: no report.png: {e}')
+
+    def message(self, text):
+        if self.enabled:
+            self.progress.write(text)
+
+    def close(self):
+        self.progress.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
 def _train(cfg, resume, command, rank, world, device):
-    from tqdm import tqdm
     work_dir = cfg.train.work_dir
+    set_determinism(cfg.train.deterministic)
     ckpt_path = None
     if resume:
         ckpt_path = os.path.join(work_dir, 'latest.pth') if resume == 'auto' else resume
@@ -740,12 +817,16 @@ def _train(cfg, resume, command, rank, world, device):
         resume = 'auto'
         ckpt_path = os.path.join(work_dir, 'latest.pth')
     if is_main():
-        os.makedirs(os.path.join(work_dir, 'debug'), exist_ok=True)
+        removed = mic_data.remove_temp_files(work_dir)  # a checkpoint write that was killed midway
+        if removed:
+            print0(f'removed {len(removed)} temporary file(s) of an interrupted write from {work_dir}')
         if cfg.data.demo.enabled:
             mic_demo.ensure_demo_data(cfg.data.demo, log=print0)
     if dist.is_initialized():
         dist.barrier()
 
+    # Everything that can fail on bad input (model, weights, data) comes before the first file is
+    # written to the run folder, so that a failed start leaves no half-made run behind.
     seed_everything(cfg.train.seed + rank)
     trainer = Trainer(cfg, device, rank, world, load_pretrained=not resume)
     start = 0
@@ -758,16 +839,23 @@ def _train(cfg, resume, command, rank, world, device):
                               f'the config asks for {architecture(cfg.model)}')
         trainer.load_state_dict(ckpt)
         start = ckpt['iteration']
-        print0(f'resumed {ckpt_path} at iteration {start}')
-
     max_iters = cfg.train.max_iters
+    loader = mic_data.build_train_loader(cfg.data, cfg.train.seed, rank=rank, start_iter=start) \
+        if start < max_iters else None
+
     best = ckpt['meta'].get('best_mIoU') if ckpt else None
     if is_main():
+        mic_data.make_dirs(work_dir)
+        mic_data.check_writable(work_dir)
         atomic_write_text(os.path.join(work_dir, 'config.yaml'), dump_yaml(cfg))
-        atomic_write_text(os.path.join(work_dir, 'command.txt'), command + '\n')
-    log_path = os.path.join(work_dir, 'log.jsonl')
+        append_command(os.path.join(work_dir, 'command.txt'), command, world)
+    if ckpt_path:
+        print0(f'resumed {ckpt_path} at iteration {start}')
+    run_log = RunLog(cfg, start, enabled=is_main())
+    nonfinite = NonFiniteWatch(device)
 
     def save(iteration):
+        nonfinite.check_before_checkpoint(trainer, iteration)
         states = gather_rng_states()
         if is_main():
             checkpoint = {**trainer.state_dict(), 'iteration': iteration, 'rng': states,
@@ -776,11 +864,6 @@ def _train(cfg, resume, command, rank, world, device):
                                    'time': datetime.datetime.now().isoformat(timespec='seconds'),
                                    'torch': str(torch.__version__), 'world_size': world}}
             mic_data.atomic_write(os.path.join(work_dir, 'latest.pth'), lambda f: torch.save(checkpoint, f))
-
-    def log(record):
-        if is_main():
-            with open(log_path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
 
     def evaluate(iteration, pred_dir=None):
         nonlocal best
@@ -793,59 +876,55 @@ def _train(cfg, resume, command, rank, world, device):
                                      'labelled: training evaluates on a labelled split; point data.val at one')
         if best is None or metrics['mIoU'] > best:
             best = metrics['mIoU']
-        log({'iteration': iteration, 'eval': {k: v for k, v in metrics.items() if k != 'IoU'},
-             'IoU': metrics.get('IoU'), 'best_mIoU': best})
-        print0(f'iteration {iteration}: target mIoU {metrics["mIoU"]:.2f} (best {best:.2f})')
+        run_log.write({'iteration': iteration, 'eval': {k: v for k, v in metrics.items() if k != 'IoU'},
+                       'IoU': metrics.get('IoU'), 'best_mIoU': best})
+        run_log.message(f'iteration {iteration}: target mIoU {metrics["mIoU"]:.2f} (best {best:.2f})')
+        run_log.report()
         return metrics
 
-    metrics = None
-    if start < max_iters:
-        loader = mic_data.build_train_loader(cfg.data, cfg.train.seed, rank=rank, start_iter=start)
-        batches = iter(loader)
-        if ckpt is not None:  # after the loader is made: it draws its worker seed from the global RNG
-            set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
-        del ckpt
-        bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not is_main(),
-                   dynamic_ncols=True, desc='train')
-        acc, acc_n, t_last, pending = {}, 0, time.time(), None
-        data_time = 0.0
-        for it in bar:
-            t0 = time.time()
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            data_time += time.time() - t0
-            keep_debug = cfg.train.debug_img_interval > 0 and it % cfg.train.debug_img_interval == 0
-            logs = trainer.step(batch, it, keep_debug=keep_debug)
-            # Check the previous iteration's losses now: its values are ready without stalling the GPU.
-            if pending is not None:
-                _check_finite(*pending)
-            pending = (it, logs)
-            for k, v in logs.items():
-                acc[k] = acc.get(k, 0) + v.detach().float()
-            acc_n += 1
-            if keep_debug and is_main():
-                save_debug_grid(trainer.debug, os.path.join(work_dir, 'debug', f'{it:06d}.png'),
-                                trainer.mean, trainer.std)
-            trainer.debug = None
-            done = it + 1
-            if done % cfg.train.log_interval == 0 or done == max_iters:
-                _check_finite(*pending)
-                dt = (time.time() - t_last) / acc_n
-                record = {'iteration': done, **{k: round(float(v) / acc_n, 6) for k, v in acc.items()},
-                          'time_per_iter': round(dt, 4), 'data_time': round(data_time / acc_n, 4),
-                          'memory_mb': round(memory_mb(device))}
-                log(record)
-                bar.set_postfix(loss=f'{sum(v for k, v in record.items() if "loss" in k):.3f}',
-                                lr=f'{record["lr"]:.2e}')
-                acc, acc_n, t_last, data_time = {}, 0, time.time(), 0.0
-            if cfg.train.eval_interval and done % cfg.train.eval_interval == 0 and done < max_iters:
-                evaluate(done)
-            if (cfg.train.ckpt_interval and done % cfg.train.ckpt_interval == 0) or done == max_iters:
-                save(done)
-        bar.close()
-    else:
-        print0(f'{work_dir} already trained to iteration {max_iters}; evaluating')
-
-    metrics = evaluate(max_iters, pred_dir=os.path.join(work_dir, 'preds') if is_main() else None)
+    it = start
+    try:
+        if loader is not None:
+            batches = iter(loader)
+            if ckpt is not None:  # after the loader is made: it draws its worker seed from the global RNG
+                set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
+            del ckpt
+            acc, acc_n, t_last, data_time = {}, 0, time.time(), 0.0
+            for it in range(start, max_iters):
+                t0 = time.time()
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+                data_time += time.time() - t0
+                keep_debug = cfg.train.debug_img_interval > 0 and it % cfg.train.debug_img_interval == 0
+                logs = trainer.step(batch, it, keep_debug=keep_debug)
+                nonfinite.update(it, logs)  # on the device: no host synchronisation per iteration
+                for k, v in logs.items():
+                    acc[k] = acc.get(k, 0) + v.detach().float()
+                acc_n += 1
+                if keep_debug:
+                    run_log.debug_grid(trainer, it)
+                trainer.debug = None
+                run_log.progress.update()
+                done = it + 1
+                if done % cfg.train.log_interval == 0 or done == max_iters:
+                    nonfinite.check(acc)
+                    dt = (time.time() - t_last) / acc_n
+                    record = {'iteration': done, **{k: round(float(v) / acc_n, 6) for k, v in acc.items()},
+                              'time_per_iter': round(dt, 4), 'data_time': round(data_time / acc_n, 4),
+                              'memory_mb': round(memory_mb(device))}
+                    run_log.train_record(record, trainer.optimizers)
+                    acc, acc_n, t_last, data_time = {}, 0, time.time(), 0.0
+                if cfg.train.eval_interval and done % cfg.train.eval_interval == 0 and done < max_iters:
+                    evaluate(done)
+                if (cfg.train.ckpt_interval and done % cfg.train.ckpt_interval == 0) or done == max_iters:
+                    save(done)
+            it = max_iters
+        else:
+            print0(f'{work_dir} already trained to iteration {max_iters}; evaluating')
+        metrics = evaluate(max_iters, pred_dir=os.path.join(work_dir, 'preds') if is_main() else None)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(it, work_dir) from None
+    finally:
+        run_log.close()
     if is_main():
         final = {**metrics, 'checkpoint': os.path.join(work_dir, 'latest.pth')}
         mic_data.save_json(os.path.join(work_dir, 'metrics.json'), final)
@@ -854,12 +933,60 @@ def _train(cfg, resume, command, rank, world, device):
     return metrics
 
 
-def _check_finite(iteration, logs):
-    bad = [k for k, v in logs.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise NonFiniteLossError(f'non-finite loss at iteration {iteration}: {", ".join(bad)} = '
-                                 f'{", ".join(str(float(logs[k])) for k in bad)}. The last checkpoint is intact; '
-                                 'lower optim.lr, use train.amp=none or bf16 instead of fp16, or check the data.')
+class TrainingInterrupted(Exception):
+    """Ctrl-C (or SIGINT): the message says where the run stopped and how to continue it."""
+
+    def __init__(self, iteration, work_dir):
+        ckpt = os.path.join(work_dir, 'latest.pth')
+        kept = mic_model.read_checkpoint(ckpt, mmap=True).get('iteration') if os.path.isfile(ckpt) else None
+        where = f'the checkpoint {ckpt} holds iteration {kept}' if kept is not None else 'no checkpoint was written yet'
+        super().__init__(f'training interrupted at iteration {iteration}; {where}. Continue it with the same '
+                         f'command plus --resume' + ('' if kept is not None else ' (or start it again)'))
+
+
+class NonFiniteWatch:
+    """Watches the losses for NaN/inf without a host synchronisation per iteration: a device-side
+    flag (and the first bad iteration) is accumulated every iteration and read at each log interval
+    and before every checkpoint, which also checks the student's weights, so that a non-finite
+    state never replaces a good latest.pth."""
+
+    def __init__(self, device):
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.first = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def update(self, iteration, logs):
+        bad_now = ~torch.isfinite(torch.stack([v.detach().float() for v in logs.values()])).all()
+        self.first = torch.where(bad_now & ~self.bad, iteration, self.first)
+        self.bad |= bad_now
+
+    def check(self, acc):
+        if bool(self.bad):  # the one synchronisation, at a log interval or a checkpoint
+            names = [k for k, v in acc.items() if not torch.isfinite(v)] or ['(an earlier interval)']
+            raise NonFiniteLossError(f'non-finite loss at iteration {int(self.first)}: {", ".join(names)}. '
+                                     f'{NONFINITE_ADVICE}')
+
+    def check_before_checkpoint(self, trainer, iteration):
+        self.check({})
+        finite = torch.stack([torch.isfinite(p).all() for m in trainer.optimizers for p in
+                              trainer.modules[m].parameters()]).all()
+        if not bool(finite):
+            raise NonFiniteLossError(f'the weights became non-finite by iteration {iteration} (the losses were '
+                                     f'finite: an overflow in the update); {NONFINITE_ADVICE}')
+
+
+NONFINITE_ADVICE = ('The last checkpoint is intact (the non-finite state was not saved); lower optim.lr, use '
+                    'train.amp=none or bf16 instead of fp16, or check the data, then continue with --resume.')
+
+
+def append_command(path, command, world):
+    """command.txt: one line per invocation of this run folder (time, launcher, command)."""
+    launcher = f'torchrun x{world} (rank 0 of {world})' if world > 1 else 'python'
+    line = f'{datetime.datetime.now().isoformat(timespec="seconds")}  [{launcher}]  {command}\n'
+    old = ''
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = f.read()
+    atomic_write_text(path, old + line)
 
 
 # --------------------------------------------------------------------------
@@ -917,17 +1044,23 @@ def main(argv=None):
     parser.add_argument('--benchmark', type=int, default=None, metavar='N',
                         help='time N iterations on synthetic tensors of the config\'s sizes; prints median '
                              's/iteration and peak memory, needs no dataset')
+    parser.add_argument('--deterministic', action='store_true',
+                        help='deterministic algorithms, no cuDNN autotuning (train.deterministic=true): two runs '
+                             'of one seed on one machine and world size give the same numbers')
     args = parser.parse_args(argv)
+    mic_data.limit_threads()  # no more intra-op threads than this process's share of the cores
     try:
-        cfg = load_config(args.cfg, args.opt)
+        cfg = load_config(args.cfg, args.opt + (['train.deterministic=true'] if args.deterministic else []))
         if args.benchmark:
             return benchmark(cfg, args.benchmark)
         command = ' '.join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv)))
         return train(cfg, args.resume, command)
-    except (ConfigError, mic_data.DataError, mic_model.CheckpointError, FileNotFoundError,
-            NonFiniteLossError) as e:
+    except TrainingInterrupted as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(130)  # the shell's status for Ctrl-C
+    except (ConfigError, mic_data.DataError, mic_model.CheckpointError, FileNotFoundError, NonFiniteLossError,
+            mic_report.MissingPackageError) as e:
+        exit_error(e)
 
 
 if __name__ == '__main__':

@@ -73,3 +73,12 @@ def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
 def test_defaults_are_json_like():
     import json
     json.dumps(defaults())
+
+
+def test_output_strides_of_the_schema_match_the_models():
+    import mic_config
+    import mic_model
+    for head, backbone in (('daformer', 'mit_b0'), ('segformer', 'mit_b0'), ('deeplabv2', 'resnet50_v1c')):
+        model = mic_model.build_model({'type': 'encoder_decoder', 'backbone': {'type': backbone},
+                                       'decode_head': {'type': head}, 'pretrained': None})
+        assert model.output_stride == mic_config.HEAD_OUTPUT_STRIDES[head], head

@@ -368,5 +368,6 @@ def test_hrda_deeplabv2_random_boxes_and_crop_size_check():
     for _ in range(20):  # the original keeps crop_coord_divisible 8 with DeepLabV2
         y1, y2, x1, x2 = model.random_crop_box(64, 96)
         assert y1 % 8 == 0 and x1 % 8 == 0 and y2 <= 64 and x2 <= 96 and (y2 - y1, x2 - x1) == (32, 32)
-    with pytest.raises(ValueError, match='hr_crop_size must be divisible by the output stride 8'):
+    # the config check names the key (context stride 16 with DeepLabV2's output stride 8)
+    with pytest.raises(ValueError, match=r"'model.hrda.hr_crop_size': \[36, 36\] must be divisible by 16"):
         build_model(dlv2_cfg(hrda={'hr_crop_size': [36, 36]}))

@@ -49,7 +49,7 @@ def test_run_folder_contents(demo_root, tmp_path):
     assert len(os.listdir(os.path.join(work, 'preds'))) == 2
     # every file was written through a temporary file that was renamed: nothing else is left
     assert sorted(os.listdir(work)) == ['command.txt', 'config.yaml', 'debug', 'latest.pth', 'log.jsonl',
-                                        'metrics.json', 'preds']
+                                        'metrics.json', 'preds', 'report.png']
     records = [json.loads(line) for line in open(os.path.join(work, 'log.jsonl'))]
     train = [r for r in records if 'eval' not in r]
     assert [r['iteration'] for r in train] == [2, 4, 6, 8]
@@ -74,7 +74,7 @@ def test_run_folder_contents(demo_root, tmp_path):
         run(demo_root, work, 'train.seed=5')
 
 
-def test_interrupted_run_resumes_exactly(demo_root, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_exactly(demo_root, tmp_path, monkeypatch, capsys):
     run(demo_root, str(tmp_path / 'full'))
     full = torch.load(tmp_path / 'full' / 'latest.pth', weights_only=True)
 
@@ -85,8 +85,12 @@ def test_interrupted_run_resumes_exactly(demo_root, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed after the checkpoint at iteration 4
         return original(self, batch, iteration, keep_debug)
     monkeypatch.setattr(mic_train.Trainer, 'step', crash_at_5)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:  # Ctrl-C: one line that says how to continue, status 130
         run(demo_root, str(tmp_path / 'cut'))
+    err = capsys.readouterr().err
+    assert stop.value.code == 130 and 'Traceback' not in err
+    assert 'training interrupted at iteration 5; the checkpoint ' in err
+    assert 'holds iteration 4. Continue it with the same command plus --resume' in err
     assert torch.load(tmp_path / 'cut' / 'latest.pth', weights_only=True)['iteration'] == 4
     monkeypatch.setattr(mic_train.Trainer, 'step', original)
     run(demo_root, str(tmp_path / 'cut'), resume=True)
