@@ -755,7 +755,8 @@ def _grid_runs(exp, where, root):
 def _opt_value(value):
     """A value as --opt takes it (YAML flow style): 0.7, null, [30, 240, 30, 30], separatetrg."""
     import yaml
-    return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix('\n...').strip()
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16)
+    return text.split('\n...')[0].strip()  # scalars end with a document end marker
 
 
 def load_experiments(path=None):
