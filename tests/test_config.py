@@ -63,7 +63,7 @@ def test_resolve_section_fills_partial_dicts():
         resolve_section('model', {'nope': 1})
 
 
-@pytest.mark.parametrize('path', sorted(glob.glob('configs/*.yaml')))
+@pytest.mark.parametrize('path', sorted(set(glob.glob('configs/*.yaml')) - {'configs/experiments.yaml'}))  # a table
 def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
     cfg = load_config(path)
     (tmp_path / 'resolved.yaml').write_text(dump_yaml(cfg))
