@@ -764,6 +764,30 @@ class HRDAEncoderDecoder(EncoderDecoder):
 
 
 # --------------------------------------------------------------------------
+# Output-space discriminator (AdvSeg)
+# --------------------------------------------------------------------------
+
+class FCDiscriminator(nn.Module):
+    """AdaptSegNet's fully convolutional discriminator: class probabilities [B,K,H,W] -> one logit
+    per 32x32 patch [B,1,H/32,W/32] (source 0, target 1). Four 4x4 stride-2 convs (64, 128, 256,
+    512 channels, LeakyReLU 0.2), then a 4x4 stride-2 classifier; PyTorch's default init."""
+
+    def __init__(self, num_classes, width=64):
+        super().__init__()
+        conv = dict(kernel_size=4, stride=2, padding=1)
+        self.conv1 = nn.Conv2d(num_classes, width, **conv)
+        self.conv2 = nn.Conv2d(width, width * 2, **conv)
+        self.conv3 = nn.Conv2d(width * 2, width * 4, **conv)
+        self.conv4 = nn.Conv2d(width * 4, width * 8, **conv)
+        self.classifier = nn.Conv2d(width * 8, 1, **conv)
+
+    def forward(self, x):
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            x = F.leaky_relu(conv(x), 0.2)
+        return self.classifier(x)
+
+
+# --------------------------------------------------------------------------
 # Building and loading
 # --------------------------------------------------------------------------
 

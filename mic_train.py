@@ -277,8 +277,10 @@ class StepState(types.SimpleNamespace):
 def source_pass(t, s):
     """Supervised loss on the source crops, plus the ImageNet feature distance on thing classes."""
     u = t.cfg.uda
-    out = t.forward('student', s.src, s.gt, return_feat=t.fd)
+    out = t.forward('student', s.src, s.gt, return_feat=t.fd, return_logits=t.keep_source_logits)
     loss = t.sum_losses(out, 'source', s.logs)
+    if t.keep_source_logits:  # for a later pass (the discriminator's), at the input's size
+        s.src_logits = mic_model.resize(out['logits'].detach(), s.src.shape[2:])
     if t.fd:
         with torch.no_grad(), t.autocast():
             imnet_feats = t.imnet(t.student.fd_view(s.src))
@@ -345,6 +347,64 @@ def mic_inputs(t, s):
     return img, lbl, weight
 
 
+def target_logits(t, s):
+    """The student's logits of the target crops at their full size [B,K,H,W] (with gradients)."""
+    with t.autocast():
+        return t.wrapped['student'](s.tgt)
+
+
+def adversarial_pass(t, s):
+    """AdvSeg, segmentor side: the discriminator (frozen here) should take the student's target
+    predictions for source predictions; loss x uda.advseg.lambda_adv."""
+    a = t.cfg.uda.advseg
+    d = t.modules['discriminator']
+    d.requires_grad_(False)  # this loss trains the segmentor only
+    s.tgt_logits = target_logits(t, s)
+    out = d(torch.softmax(s.tgt_logits.float(), dim=1))
+    loss = a.lambda_adv * discriminator_loss(out, SOURCE_DOMAIN, a.loss)
+    s.logs['adversarial.loss_adv'] = loss.detach()
+    return loss
+
+
+def discriminator_pass(t, s):
+    """AdvSeg, discriminator side: tell the (detached) source predictions from the target ones."""
+    a = t.cfg.uda.advseg
+    t.modules['discriminator'].requires_grad_(True)
+    probs = torch.softmax(torch.cat([s.src_logits, s.tgt_logits.detach()]).float(), dim=1)
+    with t.autocast():
+        out = t.wrapped['discriminator'](probs)  # one forward over both halves (one DDP forward)
+    src_out, tgt_out = out.float().split(s.src_logits.shape[0])
+    loss_src = discriminator_loss(src_out, SOURCE_DOMAIN, a.loss) / 2
+    loss_tgt = discriminator_loss(tgt_out, TARGET_DOMAIN, a.loss) / 2
+    s.logs['discriminator.loss_src'], s.logs['discriminator.loss_tgt'] = loss_src.detach(), loss_tgt.detach()
+    return loss_src + loss_tgt
+
+
+SOURCE_DOMAIN, TARGET_DOMAIN = 0.0, 1.0  # the discriminator's labels
+
+
+def discriminator_loss(logits, domain, kind):
+    """'ls': least squares (MSE to the domain label); 'vanilla': binary cross-entropy with logits."""
+    target = torch.full_like(logits, domain)
+    if kind == 'ls':
+        return F.mse_loss(logits, target)
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def entropy_pass(t, s):
+    """MinEnt: the mean normalised entropy of the student's target predictions x uda.minent.lambda_ent."""
+    prob = torch.softmax(target_logits(t, s).float(), dim=1)
+    loss = t.cfg.uda.minent.lambda_ent * normalised_entropy(prob)
+    s.logs['entropy.loss_ent'] = loss.detach()
+    return loss
+
+
+def normalised_entropy(prob):
+    """Mean over pixels of -sum_k p log2 p / log2 K, for probabilities [B,K,H,W] (1 = uniform)."""
+    B, K, H, W = prob.shape
+    return -(prob * torch.log2(prob + 1e-30)).sum() / (B * H * W * math.log2(K))
+
+
 def augmentation_switches(u, blur):
     """DACS's per-iteration decisions: (colour jitter?, Gaussian blur?)."""
     jitter = float(torch.rand(())) > u.color_jitter_probability
@@ -354,11 +414,16 @@ def augmentation_switches(u, blur):
 METHODS = {  # uda.mode -> its passes; 'masked' (MIC) runs only when uda.mask_mode is set
     'source_only': ('source', 'masked'),
     'dacs': ('source', 'mix', 'masked'),
+    'advseg': ('source', 'adversarial', 'masked', 'discriminator'),
+    'minent': ('source', 'entropy', 'masked'),
 }
 PASSES = {
     'source': Pass(source_pass),
     'mix': Pass(mix_pass),
     'masked': Pass(masked_pass),
+    'adversarial': Pass(adversarial_pass),
+    'entropy': Pass(entropy_pass),
+    'discriminator': Pass(discriminator_pass, trains=('discriminator',)),
 }
 
 
@@ -423,6 +488,9 @@ class Trainer:
         if self.fd and not cfg.model.pretrained:
             raise ConfigError('uda.fd_lambda > 0 compares features with the ImageNet encoder, which needs '
                               'model.pretrained; set uda.fd_lambda=0 to train without the feature distance')
+        if u.mode in ('advseg', 'minent') and cfg.model.type == 'hrda':
+            raise ConfigError(f'uda.mode={u.mode} is implemented for single-scale models (as Table 1 runs it): '
+                              'set model.type=encoder_decoder')
         student = mic_model.build_model(cfg.model, load_pretrained=load_pretrained and not random_init)
         self.modules = {'student': student.to(device)}
         self.num_classes = cfg.model.num_classes
@@ -431,7 +499,8 @@ class Trainer:
             self.modules['teacher'] = self._frozen_copy()
             self.ema['teacher'] = u.alpha
         separate = u.mask_alpha != 'same' or u.mask_pseudo_threshold != 'same'
-        if 'masked' in names and 'teacher' in self.ema and separate:
+        # MIC's own EMA teacher: when asked for, and for methods without a teacher (AdvSeg, MinEnt)
+        if 'masked' in names and u.mode != 'source_only' and ('teacher' not in self.ema or separate):
             self.modules['mic_teacher'] = self._frozen_copy()
             self.ema['mic_teacher'] = u.alpha if u.mask_alpha == 'same' else u.mask_alpha
         self.mic_threshold = u.pseudo_threshold if u.mask_pseudo_threshold == 'same' else u.mask_pseudo_threshold
@@ -447,6 +516,18 @@ class Trainer:
             student.backbone.compile()
         self.optimizers = {'student': build_optimizer(student, cfg)}
         self.lr_schedules = {'student': lambda it: lr_at(it, cfg)}
+        if 'discriminator' in names:
+            a = u.advseg
+            self.modules['discriminator'] = mic_model.FCDiscriminator(self.num_classes).to(device)
+            self.optimizers['discriminator'] = torch.optim.Adam(self.modules['discriminator'].parameters(), lr=a.lr,
+                                                                betas=(0.9, 0.99))
+            self.lr_schedules['discriminator'] = \
+                lambda it: (a.lr - a.min_lr) * (1 - it / cfg.train.max_iters) ** a.power + a.min_lr
+            # As in the original, whose segmentor optimizer is built over all of its modules: the
+            # segmentor's optimizer steps the discriminator too (after its gradients), before the Adam step.
+            self.optimizers['student'].add_param_group(dict(params=list(self.modules['discriminator'].parameters()),
+                                                            lr_mult=1.0, weight_decay=cfg.optim.weight_decay))
+        self.keep_source_logits = 'discriminator' in names
         self.wrapped = {name: self.modules[name] for name in self.optimizers}
         if world > 1:
             ids = [device.index] if device.type == 'cuda' else None
@@ -528,7 +609,7 @@ class Trainer:
         src, tgt = batch['img'], batch['target_img']
         s = StepState(src=src, gt=batch['gt'].long(), tgt=tgt, valid=batch['valid_pseudo_mask'],
                       iteration=iteration, logs={}, B=src.shape[0], H=src.shape[2], W=src.shape[3],
-                      plabel=None, pweight=None,
+                      plabel=None, pweight=None, src_logits=None, tgt_logits=None,
                       debug={'source': src, 'source_gt': batch['gt'], 'target': tgt} if keep_debug else None)
         # teachers follow the student (before this iteration's update)
         for name, momentum in self.ema.items():
