@@ -1116,8 +1116,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description='Train MIC(HRDA) / MIC(DAFormer) domain adaptation (see the module docstring for examples).',
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n')[1])
-    parser.add_argument('--cfg', required=True, help='YAML config, e.g. configs/gta2cs.yaml (only what differs '
+    parser.add_argument('--cfg', help='YAML config, e.g. configs/gta2cs.yaml (only what differs '
                         'from the defaults in mic_config.py)')
+    parser.add_argument('--exp', metavar='ID', help='train every run of one of the paper\'s experiments (80-85, '
+                        'configs/experiments.yaml) in turn, each in its own run folder; finished runs are reported')
+    parser.add_argument('--list', action='store_true', help='with --exp: print one command per run instead')
     parser.add_argument('--opt', nargs='+', default=[], metavar='KEY=VALUE',
                         help='config overrides, e.g. train.max_iters=1000 model.pretrained=null data.batch_size=1')
     parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
@@ -1129,7 +1132,13 @@ def main(argv=None):
                         help='deterministic algorithms, no cuDNN autotuning (train.deterministic=true): two runs '
                              'of one seed on one machine and world size give the same numbers')
     args = parser.parse_args(argv)
+    if (args.cfg is None) == (args.exp is None):
+        parser.error('give either --cfg CONFIG or --exp ID')
+    if args.list and args.exp is None:
+        parser.error('--list goes with --exp')
     mic_data.limit_threads()  # no more intra-op threads than this process's share of the cores
+    if args.exp is not None:
+        return run_experiment(args, argv)
     try:
         cfg = load_config(args.cfg, args.opt + (['train.deterministic=true'] if args.deterministic else []))
         if args.benchmark:
@@ -1142,6 +1151,44 @@ def main(argv=None):
     except (ConfigError, mic_data.DataError, mic_model.CheckpointError, FileNotFoundError, NonFiniteLossError,
             mic_report.MissingPackageError) as e:
         exit_error(e)
+
+
+def run_experiment(args, argv):
+    """--exp ID: the runs of a paper experiment one after the other (--list: their commands)."""
+    import mic_config
+    try:
+        runs = mic_config.experiment_runs(args.exp)
+        if args.list:
+            for line in mic_config.experiment_commands(args.exp):
+                print(line)
+            return runs
+        extra = args.opt + (['train.deterministic=true'] if args.deterministic else [])
+        results = {}
+        for i, (name, cfg_path, opts) in enumerate(runs):
+            print0(f'== experiment {args.exp}, run {i + 1}/{len(runs)}: {name}')
+            cfg = load_config(cfg_path, opts + extra)
+            command = f'mic_train.py --cfg {cfg_path} --opt {" ".join(opts + extra)}'
+            results[name] = train(cfg, interrupted_run(cfg), command)
+        for name, metrics in results.items():
+            print0(f'{name}: target mIoU {metrics["mIoU"]:.2f}')
+        return results
+    except TrainingInterrupted as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(130)
+    except (ConfigError, mic_data.DataError, mic_model.CheckpointError, FileNotFoundError, NonFiniteLossError,
+            mic_report.MissingPackageError) as e:
+        exit_error(e)
+
+
+def interrupted_run(cfg):
+    """'auto' when train.work_dir holds this very config's unfinished run (continue it), else None:
+    a finished run is then reported, another config's run refused, an empty folder started."""
+    ckpt = os.path.join(cfg.train.work_dir, 'latest.pth')
+    if not os.path.isfile(ckpt):
+        return None
+    old = mic_model.read_checkpoint(ckpt, mmap=True)
+    same = old.get('config') == to_plain(cfg) and old.get('iteration', 0) < cfg.train.max_iters
+    return 'auto' if same else None
 
 
 if __name__ == '__main__':
