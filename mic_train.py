@@ -987,7 +987,7 @@ def _train(cfg, resume, command, rank, world, device):
                 run_log.progress.update()
                 done = it + 1
                 if done % cfg.train.log_interval == 0 or done == max_iters:
-                    nonfinite.check(acc)
+                    nonfinite.check()
                     dt = (time.time() - t_last) / acc_n
                     record = {'iteration': done, **{k: round(float(v) / acc_n, 6) for k, v in acc.items()},
                               'time_per_iter': round(dt, 4), 'data_time': round(data_time / acc_n, 4),
@@ -1026,28 +1026,31 @@ class TrainingInterrupted(Exception):
 
 
 class NonFiniteWatch:
-    """Watches the losses for NaN/inf without a host synchronisation per iteration: a device-side
-    flag (and the first bad iteration) is accumulated every iteration and read at each log interval
-    and before every checkpoint, which also checks the student's weights, so that a non-finite
-    state never replaces a good latest.pth."""
+    """Watches the losses for NaN/inf without a host synchronisation per iteration: per log key, a
+    device-side flag (and the first bad iteration) is accumulated every iteration and read at each log
+    interval and before every checkpoint, which also checks the weights of the trained modules, so
+    that a non-finite state never replaces a good latest.pth."""
 
     def __init__(self, device):
-        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.keys, self.bad = None, None
         self.first = torch.full((), -1, dtype=torch.int64, device=device)
 
     def update(self, iteration, logs):
-        bad_now = ~torch.isfinite(torch.stack([v.detach().float() for v in logs.values()])).all()
-        self.first = torch.where(bad_now & ~self.bad, iteration, self.first)
+        if self.keys != list(logs):  # the same keys every iteration; a change starts the flags afresh
+            self.check()
+            self.keys, self.bad = list(logs), torch.zeros(len(logs), dtype=torch.bool, device=self.first.device)
+        bad_now = ~torch.isfinite(torch.stack([v.detach().float() for v in logs.values()]))
+        self.first = torch.where(bad_now.any() & ~self.bad.any(), iteration, self.first)
         self.bad |= bad_now
 
-    def check(self, acc):
-        if bool(self.bad):  # the one synchronisation, at a log interval or a checkpoint
-            names = [k for k, v in acc.items() if not torch.isfinite(v)] or ['(an earlier interval)']
+    def check(self):
+        if self.bad is not None and bool(self.bad.any()):  # the one synchronisation, at a log interval or checkpoint
+            names = [k for k, b in zip(self.keys, self.bad.tolist()) if b]
             raise NonFiniteLossError(f'non-finite loss at iteration {int(self.first)}: {", ".join(names)}. '
                                      f'{NONFINITE_ADVICE}')
 
     def check_before_checkpoint(self, trainer, iteration):
-        self.check({})
+        self.check()
         finite = torch.stack([torch.isfinite(p).all() for m in trainer.optimizers for p in
                               trainer.modules[m].parameters()]).all()
         if not bool(finite):

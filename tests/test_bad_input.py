@@ -720,3 +720,88 @@ def test_metrics_json_never_half_written(tmp_path, ckpt, cityscapes_val):
     with open(out / 'metrics.json') as f:
         assert json.load(f)['num_images'] == 2 == metrics['num_images']
     assert os.listdir(out) == ['metrics.json']
+
+
+# --------------------------------------------------------------------------
+# Training faults: non-finite state, leftovers, failed starts, the run folder's history
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def tiny_demo(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('demo'))
+
+
+def train_tiny(demo, work, *extra, resume=False):
+    from test_train_run import tiny_opts
+    argv = ['--cfg', os.path.join(REPO, 'configs/gta2cs.yaml'), '--opt',
+            *tiny_opts(demo, str(work), 'train.eval_interval=0', 'train.debug_img_interval=0', *extra)]
+    first, out, err = run_cli(mic_train.main, argv + (['--resume'] if resume else []), expect_error=False)
+    return (first if isinstance(first, str) else ''), out, err  # the error line, '' after a clean run
+
+
+def finite_checkpoint(path):
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt['iteration'], all(torch.isfinite(v).all() for v in ckpt['modules']['student'].values()
+                                  if v.is_floating_point())
+
+
+def test_exploding_run_never_checkpoints_non_finite_weights(tiny_demo, tmp_path):
+    work = tmp_path / 'lr'
+    err, _, _ = train_tiny(tiny_demo, work, 'optim.lr=1e6', 'optim.warmup_iters=0', 'train.max_iters=10',
+                           'train.ckpt_interval=4', 'train.log_interval=50')
+    assert err.startswith('error: ') and 'non-finite' in err and 'The last checkpoint is intact' in err, err
+    assert not (work / 'metrics.json').exists() and not temp_files(work)
+    if (work / 'latest.pth').exists():  # whatever was saved before the blow-up holds finite weights
+        assert finite_checkpoint(work / 'latest.pth')[1]
+        err, _, _ = train_tiny(tiny_demo, work, 'optim.lr=1e6', 'optim.warmup_iters=0', 'train.max_iters=10',
+                               'train.ckpt_interval=4', 'train.log_interval=50', resume=True)
+        assert 'non-finite' in err  # the same settings blow up again; the advice (lower lr) is what works
+
+
+def test_non_finite_weights_with_finite_losses_are_not_saved(tiny_demo, tmp_path, monkeypatch):
+    step = mic_train.Trainer.step
+
+    def poison_at_3(self, batch, iteration, keep_debug=False):
+        logs = step(self, batch, iteration, keep_debug)
+        if iteration == 3:  # an overflow in the update: the losses were still finite
+            with torch.no_grad():
+                next(self.student.parameters()).fill_(float('inf'))
+        return logs
+    monkeypatch.setattr(mic_train.Trainer, 'step', poison_at_3)
+    work = tmp_path / 'w'
+    err, _, _ = train_tiny(tiny_demo, work, 'train.max_iters=6', 'train.ckpt_interval=2')
+    assert 'the weights became non-finite by iteration 4' in err and 'continue with --resume' in err
+    assert finite_checkpoint(work / 'latest.pth') == (2, True)
+    monkeypatch.setattr(mic_train.Trainer, 'step', step)
+    err, out, _ = train_tiny(tiny_demo, work, 'train.max_iters=6', 'train.ckpt_interval=2', resume=True)
+    assert err == '' and 'resumed' in out and finite_checkpoint(work / 'latest.pth') == (6, True)
+    lines = (work / 'command.txt').read_text().splitlines()  # every invocation, with its launcher
+    assert len(lines) == 2 and all('[python]  ' in line for line in lines) and lines[1].endswith('--resume')
+
+
+def test_leftover_temporary_files_are_removed_at_the_next_start(tiny_demo, tmp_path):
+    work = tmp_path / 'tmpfiles'
+    work.mkdir()
+    (work / '.latest.pth.deadbeef.tmp').write_bytes(b'half a checkpoint')
+    err, out, _ = train_tiny(tiny_demo, work, 'train.max_iters=2')
+    assert err == '' and 'removed 1 temporary file(s) of an interrupted write' in out
+    assert not temp_files(work) and (work / 'metrics.json').exists()
+
+
+def test_a_failed_start_leaves_no_run_folder(tiny_demo, tmp_path):
+    work = tmp_path / 'never'
+    err, _, _ = train_tiny(tiny_demo, work, f'model.pretrained={tmp_path}/mit_b0.pth', 'uda.fd_lambda=0')
+    assert 'pretrained encoder weights' in err and 'model.pretrained=null uda.fd_lambda=0' in err
+    assert not work.exists()
+    err, _, _ = train_tiny(tiny_demo, work, f'data.source.root={tmp_path}/nowhere')
+    assert 'does not exist' in err and not work.exists()
+
+
+def test_a_folder_of_another_model_is_not_offered_for_resume(tiny_demo, tmp_path):
+    work = tmp_path / 'b0'
+    assert train_tiny(tiny_demo, work, 'train.max_iters=2')[0] == ''
+    err, _, _ = train_tiny(tiny_demo, work, 'train.max_iters=2', 'model.backbone.type=mit_b1')
+    assert 'already holds a run of another model' in err and '--resume' not in err
+    assert 'train.work_dir=work_dirs/NEW' in err
+    err, _, _ = train_tiny(tiny_demo, work, 'train.max_iters=4')  # same model, another config
+    assert 'Pass --resume to continue it' in err
