@@ -1,5 +1,6 @@
 """mic_train end to end on a tiny generated demo: the run folder, exact resume, two gloo processes,
 bad input. Sizes are tiny so that the whole file runs in about a minute on 2 cores."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -39,17 +40,28 @@ def run(demo_root, work_dir, *extra, resume=False):
     return mic_train.main(argv)
 
 
-def test_run_folder_contents(demo_root, tmp_path):
+def test_run_folder_contents(demo_root, tmp_path, capsys):
     work = str(tmp_path / 'run')
-    metrics = run(demo_root, work)
+    metrics = run(demo_root, work, 'train.tensorboard=true')
     assert 0 <= metrics['mIoU'] <= 100
+    # stdout is no terminal here: one plain progress line per log interval, no carriage returns
+    out = capsys.readouterr().out
+    assert '\r' not in out and [line.split()[1] for line in out.splitlines() if line.startswith('iteration ')
+                                and 's/it' in line] == ['2/8', '4/8', '6/8', '8/8']
     for name in ('config.yaml', 'command.txt', 'log.jsonl', 'latest.pth', 'metrics.json',
                  'debug/000000.png', 'debug/000004.png'):
         assert os.path.isfile(os.path.join(work, name)), name
     assert len(os.listdir(os.path.join(work, 'preds'))) == 2
     # every file was written through a temporary file that was renamed: nothing else is left
     assert sorted(os.listdir(work)) == ['command.txt', 'config.yaml', 'debug', 'latest.pth', 'log.jsonl',
-                                        'metrics.json', 'preds', 'report.png']
+                                        'metrics.json', 'preds', 'report.png', 'tensorboard']
+    if importlib.util.find_spec('tensorboard') is not None:  # the event file holds what log.jsonl holds
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(os.path.join(work, 'tensorboard'), size_guidance={'images': 0}).Reload()
+        tags = events.Tags()
+        assert {'source/loss_seg', 'masked/loss_seg', 'train/pseudo_ratio', 'eval/mIoU', 'IoU/road'} <= \
+            set(tags['scalars']) and 'debug' in tags['images']
+        assert [e.step for e in events.Scalars('eval/mIoU')] == [4, 8]
     records = [json.loads(line) for line in open(os.path.join(work, 'log.jsonl'))]
     train = [r for r in records if 'eval' not in r]
     assert [r['iteration'] for r in train] == [2, 4, 6, 8]
@@ -64,14 +76,14 @@ def test_run_folder_contents(demo_root, tmp_path):
     model = mic_model.build_model(ckpt['config']['model'])
     assert mic_model.load_checkpoint(model, os.path.join(work, 'latest.pth'))['format'] == 'mic_train'
     # the same command again: the finished run is reported, not overwritten
-    assert run(demo_root, work)['mIoU'] == metrics['mIoU']
+    assert run(demo_root, work, 'train.tensorboard=true')['mIoU'] == metrics['mIoU']
     # stopped after the last checkpoint but before metrics.json: the same command evaluates it
     os.remove(os.path.join(work, 'metrics.json'))
-    assert run(demo_root, work)['mIoU'] == metrics['mIoU']
+    assert run(demo_root, work, 'train.tensorboard=true')['mIoU'] == metrics['mIoU']
     assert json.load(open(os.path.join(work, 'metrics.json')))['mIoU'] == metrics['mIoU']
     # another config in the same folder is refused
     with pytest.raises(SystemExit):
-        run(demo_root, work, 'train.seed=5')
+        run(demo_root, work, 'train.tensorboard=true', 'train.seed=5')
 
 
 def test_interrupted_run_resumes_exactly(demo_root, tmp_path, monkeypatch, capsys):
