@@ -668,16 +668,17 @@ def memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (Linux: KiB)
 
 
-def save_debug_grid(debug, path, mean, std, max_width=1536):
+def save_debug_grid(debug, path, mean, std, max_width=1536, palette=None):
     """One row per sample, titled columns: source image and label, target image, pseudo-label, mixed
-    image and label, the student's prediction on it, masked image, the prediction on that."""
+    image and label, the student's prediction on it, masked image, the prediction on that. Labels in
+    `palette` (the colours of data.classes; default Cityscapes')."""
     from PIL import Image, ImageDraw
 
     def image(x):
         return ((x.float() * std[0] + mean[0]).clamp(0, 255)).byte().permute(1, 2, 0).cpu().numpy()
 
     def label(x):
-        return mic_data.colorize(x.reshape(x.shape[-2:]).cpu().numpy().astype(np.uint8))
+        return mic_data.colorize(x.reshape(x.shape[-2:]).cpu().numpy().astype(np.uint8), palette)
 
     def pred(logits, size):
         return label(F.interpolate(logits[None].float(), size=size)[0].argmax(0))
@@ -733,7 +734,8 @@ def _train(cfg, resume, command, rank, world, device):
                    'Delete the folder or set train.work_dir to train again.')
             with open(path) as f:
                 metrics = json.load(f)
-            print0(f'target mIoU: {metrics["mIoU"]:.2f}')
+            if metrics.get('mIoU') is not None:  # (a data.val without labels gives predictions only)
+                print0(f'target mIoU: {metrics["mIoU"]:.2f}')
             return metrics
         # trained to the end, but stopped before the final evaluation wrote metrics.json
         print0(f'{work_dir} holds this config\'s fully trained run without metrics.json; evaluating it')
@@ -762,6 +764,7 @@ def _train(cfg, resume, command, rank, world, device):
 
     max_iters = cfg.train.max_iters
     best = ckpt['meta'].get('best_mIoU') if ckpt else None
+    classes = mic_data.class_table(cfg.data, cfg.model.num_classes)  # names and colours of data.classes
     if is_main():
         atomic_write_text(os.path.join(work_dir, 'config.yaml'), dump_yaml(cfg))
         atomic_write_text(os.path.join(work_dir, 'command.txt'), command + '\n')
@@ -784,10 +787,16 @@ def _train(cfg, resume, command, rank, world, device):
 
     def evaluate(iteration, pred_dir=None):
         nonlocal best
+        labelled = mic_data.has_labels(cfg.data.val)
+        if not labelled and iteration < max_iters:
+            return None  # without labels data.val only gets the final predictions
         metrics = mic_eval.evaluate(trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
                                     device=device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
                                     synthia16=cfg.data.source.type == 'synthia',
-                                    num_workers=cfg.data.num_workers)
+                                    num_workers=cfg.data.num_workers, classes=classes)
+        if 'mIoU' not in metrics and not labelled:
+            print0(f'data.val ({cfg.data.val.root}) has no labels: cannot compute mIoU, predictions only')
+            return {'mIoU': None, **metrics}
         if 'mIoU' not in metrics:
             raise mic_data.DataError(f'data.val ({cfg.data.val.root}, split {cfg.data.val.split}) is not fully '
                                      'labelled: training evaluates on a labelled split; point data.val at one')
@@ -824,7 +833,7 @@ def _train(cfg, resume, command, rank, world, device):
             acc_n += 1
             if keep_debug and is_main():
                 save_debug_grid(trainer.debug, os.path.join(work_dir, 'debug', f'{it:06d}.png'),
-                                trainer.mean, trainer.std)
+                                trainer.mean, trainer.std, palette=classes.palette)
             trainer.debug = None
             done = it + 1
             if done % cfg.train.log_interval == 0 or done == max_iters:
@@ -849,8 +858,11 @@ def _train(cfg, resume, command, rank, world, device):
     if is_main():
         final = {**metrics, 'checkpoint': os.path.join(work_dir, 'latest.pth')}
         mic_data.save_json(os.path.join(work_dir, 'metrics.json'), final)
-        print0(f'target mIoU after {max_iters} iterations: {metrics["mIoU"]:.2f} '
-               f'(per class: {work_dir}/metrics.json, predictions: {work_dir}/preds)')
+        if metrics['mIoU'] is None:
+            print0(f'trained {max_iters} iterations; no mIoU without labels: predictions in {work_dir}/preds')
+        else:
+            print0(f'target mIoU after {max_iters} iterations: {metrics["mIoU"]:.2f} '
+                   f'(per class: {work_dir}/metrics.json, predictions: {work_dir}/preds)')
     return metrics
 
 
