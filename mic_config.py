@@ -16,6 +16,13 @@ negative max_iters, a probability above 1, ...) and keys that do not fit togethe
 the key, the value and what is allowed.
 The resolved config is a tree of plain dicts (JSON-serialisable, stored in
 every checkpoint) that also allows attribute access.
+
+Classes are data: data.classes names the classes of the task (default: the 19 Cityscapes classes
+of the benchmarks), with their colours, the label value of unlabelled pixels and the 'thing'
+classes; model.num_classes and uda.fd_classes follow from it unless given (resolve_classes()
+gives the table). Keys added after the first release (data.classes, the folder keys img_dir and
+label_dir) are left out of the resolved config while they hold their defaults, so the resolved
+configs of the existing experiments are byte for byte what they were.
 """
 import argparse
 import copy
@@ -153,6 +160,12 @@ class ClassesConfig:  # data.classes, when not a preset name: the classes of you
         if isinstance(value, (list, tuple)):
             return {'names': list(value)}
         return value
+
+    @staticmethod
+    def merge_base(current, update):
+        """What a mapping `update` of data.classes merges into: new names start a new class table (the
+        defaults of the other keys); other keys (--opt data.classes.things=[car]) update the current one."""
+        return dataclasses.asdict(ClassesConfig()) if 'names' in update else ClassesConfig.expand(current)
 
 
 @dataclass
@@ -443,7 +456,7 @@ def _merge_section(cls, base, update, prefix):
             # a mapping that may also be given otherwise (data.classes: a preset, a list of names):
             # --opt data.classes.palette=... updates it
             section = next(a for a in typing.get_args(tp) if dataclasses.is_dataclass(a))
-            base = getattr(section, 'expand', lambda v: v)(out.get(name, fields[name].default))
+            base = getattr(section, 'merge_base', lambda v, u: v)(out.get(name, fields[name].default), value)
             out[name] = _merge_section(section, base, value, key) if isinstance(base, dict) else _check(value, tp, key)
         else:
             out[name] = _check(value, tp, key)

@@ -492,11 +492,11 @@ def _image_of(label_path, lbl_dir, img_dir, lbl_suffix, img_suffix):
     return os.path.join(img_dir, rel[:-len(lbl_suffix)] + img_suffix)
 
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')  # what --images reads
 
 
 def scan_images(folder):
-    """(images, others): sorted paths of the .png/.jpg/.jpeg/.bmp files under `folder` (recursively)
+    """(images, others): sorted paths of the IMAGE_EXTENSIONS files under `folder` (recursively)
     and of the other files there, which are not read (temporary files of atomic_write are neither)."""
     if not os.path.isdir(folder):
         raise DataError(f'image folder {folder} does not exist')
@@ -512,7 +512,7 @@ def scan_images(folder):
 
 
 def list_images(folder):
-    """Sorted paths of all .png/.jpg/.jpeg/.bmp files under `folder` (recursively)."""
+    """Sorted paths of all IMAGE_EXTENSIONS files under `folder` (recursively)."""
     return scan_images(folder)[0]
 
 

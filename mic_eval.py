@@ -17,7 +17,7 @@ benchmark servers, and predictions on any folder of images.
         Cityscapes test set: OUT/labelIds/<city>_<seq>_<frame>_leftImg8bit.png, 8-bit Cityscapes label
         ids (cityscapesscripts' evalPixelLevelSemanticLabeling accepts the folder as it is)
     python mic_eval.py --ckpt work_dirs/gta2cs/latest.pth --images photos/ --out photos_pred/
-        any folder of images (png/jpg/bmp, any size, 8 or 16 bits): OUT/<stem>_pred.png (colour
+        any folder of images (png/jpg/bmp/tif, any size, 8 or 16 bits): OUT/<stem>_pred.png (colour
         prediction) and OUT/<stem>_overlay.png (prediction blended over the image); no labels needed.
         Other files in the folder are listed and skipped; an unreadable image stops the run unless
         --skip-unreadable is given (then such images are skipped and listed at the end)
@@ -200,7 +200,7 @@ def format_table(metrics):
 # --------------------------------------------------------------------------
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Any images (png/jpg/bmp, RGB, grayscale or RGBA, 8 or 16 bits) with the test transform of
+    """Any images (png/jpg/bmp/tif, RGB, grayscale or RGBA, 8 or 16 bits) with the test transform of
     EvalDataset: resize keeping the ratio to fit img_scale, normalise. Items like EvalDataset's,
     label None. `skipped`: the other files of the folder (not images by their extension)."""
 

@@ -29,10 +29,10 @@ for _p in (REPO, TESTS):
 TOY_NAMES = ['impervious surfaces', 'building', 'low vegetation', 'tree', 'car']
 TOY_COLOURS = [(255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0)]
 CLUTTER = (255, 0, 0)  # the sixth ISPRS class, ignored (255) by the mapping
-# Each domain draws a class with its own colour: the source as a photo (RGB), the target as a
-# false-colour infrared photo (IRRG, vegetation red), darker and noisier: a domain gap.
+# The colour of each class (and clutter) in the images: the source crisp and saturated, the target
+# hazy, bluish, low in contrast and noisier (another camera and season): a domain gap.
 SOURCE_LOOK = [(150, 150, 145), (190, 90, 70), (110, 160, 70), (40, 100, 40), (40, 60, 200), (200, 180, 60)]
-TARGET_LOOK = [(120, 110, 115), (150, 100, 110), (200, 120, 110), (150, 50, 60), (60, 70, 160), (160, 150, 90)]
+TARGET_LOOK = [tuple(round(0.55 * v + o) for v, o in zip(c, (45, 60, 85))) for c in SOURCE_LOOK]
 TOY_SIZES = [(64, 64), (96, 64), (64, 80), (80, 80), (72, 96), (96, 96)]  # (w, h): any sizes
 
 TOY_MAP = """\
@@ -248,6 +248,11 @@ def test_classes_schema_and_what_follows_from_it(tmp_path):
     (tmp_path / 'resolved.yaml').write_text(dump_yaml(cfg))
     assert load_config(str(tmp_path / 'resolved.yaml')) == cfg
     assert merge(mic_config.defaults(), mic_config.to_plain(cfg)) == cfg
+    # a mapping with names is a class table of its own: the other keys take their defaults
+    (tmp_path / 'names.yaml').write_text('data:\n  classes:\n    names: [sea, ship]\nuda:\n  fd_lambda: 0\n')
+    alone = load_config(str(tmp_path / 'names.yaml'))
+    assert alone.data.classes == {'names': ['sea', 'ship'], 'palette': None, 'ignore_index': 255, 'things': []}
+    assert load_config(str(path), ['data.classes.names=[a, b]', 'uda.fd_lambda=0']).data.classes.palette is None
     # a list of names is the short form; things by train id become names; fd_classes follows
     short = load_config(None, ['data.classes=[sky, sea, ship]', 'data.classes.things=[2]'])
     assert short.data.classes == {'names': ['sky', 'sea', 'ship'], 'palette': None, 'ignore_index': 255,
@@ -488,6 +493,296 @@ def test_convert_cli_usage(capsys):
     with pytest.raises(SystemExit):
         convert_labels.main(['folder', 'data/x', '--id-map', 'map.yaml'])
     assert 'folder: --label-suffix is required' in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# mic_data: the folder layout, label values, rare class sampling with any classes
+# --------------------------------------------------------------------------
+
+def _folder_cfg(root, **kw):
+    return {'type': 'folder', 'root': str(root), 'img_dir': 'images', 'label_dir': 'labels',
+            'label_suffix': '_labelTrainIds.png', **kw}
+
+
+def _write_train_ids(root, name, ids, size=None):
+    h, w = ids.shape
+    _save(os.path.join(root, 'images', name + '.png'), np.zeros((h, w, 3), np.uint8) if size is None else
+          np.zeros((size[1], size[0], 3), np.uint8))
+    os.makedirs(os.path.join(root, 'labels', os.path.dirname(name)), exist_ok=True)
+    Image.fromarray(ids).save(os.path.join(root, 'labels', name + '_labelTrainIds.png'))
+
+
+def test_folder_listing_with_img_dir_and_label_dir(tmp_path):
+    root = tmp_path / 'd'
+    for name in ('a/1', 'b/1', 'c'):
+        _write_train_ids(root, name, np.zeros((8, 8), np.uint8))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / 'labels' / 'a' / '1.png')  # a raw label: not listed
+    samples = mic_data.list_samples(_folder_cfg(root))
+    assert [(os.path.relpath(i, root), os.path.relpath(lbl, root)) for i, lbl in samples] == [
+        ('images/a/1.png', 'labels/a/1_labelTrainIds.png'), ('images/b/1.png', 'labels/b/1_labelTrainIds.png'),
+        ('images/c.png', 'labels/c_labelTrainIds.png')]
+    # no img_dir: images anywhere under the root, except in the label folder (raw labels there are no images)
+    flat = tmp_path / 'flat'
+    _save(str(flat / 'x.png'), np.zeros((8, 8, 3), np.uint8))
+    _save(str(flat / 'labels' / 'x.png'), np.zeros((8, 8, 3), np.uint8))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(flat / 'labels' / 'x_labelTrainIds.png')
+    assert mic_data.list_samples({**_folder_cfg(flat), 'img_dir': None}) == [
+        (str(flat / 'x.png'), str(flat / 'labels' / 'x_labelTrainIds.png'))]
+    assert mic_data.has_labels(_folder_cfg(root)) and not mic_data.has_labels({**_folder_cfg(root), 'label_suffix': None})
+    # a label without its image (count mismatch) and an image without its label name the file
+    _write_train_ids(root, 'd', np.zeros((8, 8), np.uint8))
+    os.remove(root / 'images' / 'd.png')
+    with pytest.raises(DataError, match=r"1 label\(s\) under .*/labels have no image \(3 images, 4 labels\), e\.g\. "
+                                        r".*labels/d_labelTrainIds\.png: expected its image at .*images/d\.png"):
+        mic_data.list_samples(_folder_cfg(root))
+    assert len(mic_data.list_samples(_folder_cfg(root), need_labels=False)) == 3  # target images: labels unused
+    os.remove(root / 'labels' / 'c_labelTrainIds.png')
+    with pytest.raises(DataError, match=r'image .*images/c\.png has no label: expected .*labels/c_labelTrainIds\.png'):
+        mic_data.list_samples(_folder_cfg(root))
+
+
+def _task(root, names, **data):
+    return {'classes': {'names': names}, 'source': _folder_cfg(root, img_scale=[16, 16]),
+            'target': {'type': 'folder', 'root': str(root), 'img_dir': 'images', 'img_scale': [16, 16]},
+            'crop_size': [8, 8], 'rcs': {'min_pixels': 2, 'min_crop_ratio': 0.0}, 'num_workers': 0, **data}
+
+
+def test_training_labels_outside_the_class_table_name_the_file(tmp_path):
+    root = tmp_path / 'd'
+    ids = np.zeros((16, 16), np.uint8)
+    ids[:4] = 1
+    ids[4:6] = 255
+    _write_train_ids(root, 'ok', ids)
+    bad = ids.copy()
+    bad[8:, :3] = 3
+    bad[0, 0] = 7
+    _write_train_ids(root, 'bad', bad)
+    convert_labels.convert_folder(str(root), '_labelTrainIds.png', img_dir='images', label_dir='labels',
+                                  num_classes=8, progress=False)  # statistics (values up to 7 are fine for 8)
+    ds = mic_data.UDADataset(_task(root, ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h']), seed=0)
+    ds[0]
+    for names, found in ((['ground', 'roof'], '3 (24 pixels), 7 (1 pixels)'), (['a', 'b', 'c', 'd'], '7 (1 pixels)')):
+        data = _task(root, names, rcs={'enabled': False})
+        ds = mic_data.UDADataset(data, seed=0)
+        with pytest.raises(DataError) as e:
+            for k in range(20):
+                ds[k]
+        K = len(names)
+        assert str(e.value) == (f'label {root}/labels/bad_labelTrainIds.png holds values outside the train ids '
+                                f'0..{K - 1} of the {K} classes (data.classes) and 255 (unlabelled): {found}; convert '
+                                f'raw labels to train ids first (python convert_labels.py), or correct data.classes')
+    # statistics of other labels: rare class sampling says so
+    with pytest.raises(DataError, match=r'sample_class_stats\.json counts pixels of train id 7, but data\.classes has '
+                                        r'2 classes \(train ids 0\.\.1\): statistics of other labels\? re-run '
+                                        r'`python convert_labels\.py folder'):
+        mic_data.UDADataset(_task(root, ['ground', 'roof']), seed=0)
+    # a label of another size than its image (folder datasets: exactly its size)
+    _write_train_ids(root, 'ok', ids, size=(17, 16))
+    ds = mic_data.UDADataset(_task(root, list('abcdefgh'), rcs={'enabled': False}), seed=0)
+    with pytest.raises(DataError, match=r'label .*ok_labelTrainIds\.png is 16x16 but its image .*ok\.png is 17x16'):
+        for k in range(20):
+            ds[k]
+
+
+def test_ignore_index_of_label_files_reads_as_255(tmp_path):
+    root = tmp_path / 'd'
+    ids = np.array([[0, 1, 9], [9, 2, 0]], np.uint8)
+    _write_train_ids(root, 'x', ids)
+    table = mic_data.class_table({'names': ['a', 'b', 'c'], 'ignore_index': 9})
+    ev = mic_data.EvalDataset(_folder_cfg(root, img_scale=[3, 2]), classes=table)
+    np.testing.assert_array_equal(ev[0]['label'].numpy(), [[0, 1, 255], [255, 2, 0]])
+    with pytest.raises(DataError, match=r'holds values outside the train ids 0\.\.2 of the 3 classes '
+                                        r'\(data\.classes\) and 255 \(unlabelled\): 9 \(2 pixels\)'):
+        mic_data.EvalDataset(_folder_cfg(root, img_scale=[3, 2]), classes=mic_data.class_table(['a', 'b', 'c']))[0]
+
+
+def test_rcs_with_labels_of_the_same_name_in_subfolders(tmp_path):
+    """Folder datasets may repeat file names in subfolders: the statistics are matched on enough of the path."""
+    root = tmp_path / 'd'
+    rare = np.zeros((16, 16), np.uint8)
+    rare[:8, :8] = 1
+    _write_train_ids(root, 'x/1', np.zeros((16, 16), np.uint8))
+    _write_train_ids(root, 'y/1', rare)
+    convert_labels.convert_folder(str(root), '_labelTrainIds.png', img_dir='images', label_dir='labels',
+                                  num_classes=2, progress=False)
+    ds = mic_data.UDADataset(_task(root, ['ground', 'roof']), seed=0)
+    assert ds.rcs_classes == [1, 0]
+    assert [os.path.relpath(ds.source[i][1], root) for i in ds.rcs_files[1]] == ['labels/y/1_labelTrainIds.png']
+
+
+# --------------------------------------------------------------------------
+# mic_eval with any classes
+# --------------------------------------------------------------------------
+
+def test_metrics_with_class_names_and_synthia_subset_by_name():
+    conf = np.diag([3, 0, 5]).astype(np.int64)
+    conf[0, 1] = 1
+    m = mic_eval.compute_metrics(conf, ['sea', 'ship', 'sky'])
+    assert list(m['IoU']) == ['sea', 'ship', 'sky'] and m['IoU']['ship'] == 0.0 and m['IoU']['sky'] == 100.0
+    with pytest.raises(ValueError, match="the classes lack \\['road'"):
+        mic_eval.compute_metrics(conf, ['sea', 'ship', 'sky'], synthia16=True)
+    # the Synthia subset is looked up by name in the class table, in whatever order it comes
+    conf19 = np.diag(np.arange(1, 20)).astype(np.int64)
+    conf19[9, 9] = conf19[14, 14] = conf19[16, 16] = 0  # terrain, truck, train: absent
+    conf19[0, 9] = 5  # road predicted as terrain
+    base = mic_eval.compute_metrics(conf19, synthia16=True)
+    order = list(range(19))[::-1]
+    shuffled = mic_eval.compute_metrics(conf19[np.ix_(order, order)], [mic_data.CLASSES[i] for i in order],
+                                        synthia16=True)
+    assert shuffled['mIoU16'] == pytest.approx(base['mIoU16']) and shuffled['IoU'] == base['IoU']
+
+
+def test_evaluate_names_colours_and_no_mIoU16_for_other_classes(tmp_path):
+    import torch
+    root = tmp_path / 'd'
+    ids = np.array([[0, 1, 2, 255]] * 4, np.uint8)
+    _write_train_ids(root, 'x', ids)
+
+    class Fixed(torch.nn.Module):  # predicts train id = column index modulo 3
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def inference(self, img, out_size=None):
+            cls = torch.arange(img.shape[-1]) % 3
+            return torch.nn.functional.one_hot(cls, 3).T[None, :, None, :].float().expand(1, 3, *img.shape[-2:])
+
+    palette = [[10, 20, 30], [40, 50, 60], [70, 80, 90]]
+    classes = {'names': ['sea', 'ship', 'sky'], 'palette': palette}
+    m = mic_eval.evaluate(Fixed(), _folder_cfg(root, img_scale=[4, 4]), num_classes=3, classes=classes,
+                          pred_dir=str(tmp_path / 'preds'), progress=False, num_workers=0, synthia16=True)
+    assert m['IoU'] == {'sea': 100.0, 'ship': 100.0, 'sky': 100.0} and 'mIoU16' not in m
+    pred = np.asarray(Image.open(tmp_path / 'preds' / 'x.png'))
+    assert [tuple(c) for c in pred[0]] == [(10, 20, 30), (40, 50, 60), (70, 80, 90), (10, 20, 30)]
+    with pytest.raises(ValueError, match='3 classes for a model of 4'):
+        mic_eval.evaluate(Fixed(), _folder_cfg(root, img_scale=[4, 4]), num_classes=4, classes=classes)
+
+
+def test_report_keeps_the_order_of_any_classes():
+    assert mic_report._class_order(['car', 'building', 'tree']) == ['car', 'building', 'tree']
+    assert mic_report._class_order(['car', 'road', 'sky']) == ['road', 'sky', 'car']  # Cityscapes: train-id order
+
+
+# --------------------------------------------------------------------------
+# A 5-class task end to end: the README's commands on the toy data
+# --------------------------------------------------------------------------
+
+FAST = ['model.decode_head.embed_dims=32', 'model.hrda.hr_crop_size=[32,32]', 'data.crop_size=[64,64]',
+        'data.source.img_scale=[96,96]', 'data.target.img_scale=[96,96]', 'data.val.img_scale=[96,96]',
+        'data.rcs.min_pixels=20', 'data.num_workers=0', 'train.max_iters=4', 'train.log_interval=2',
+        'train.eval_interval=2', 'train.ckpt_interval=4', 'train.debug_img_interval=2', 'train.device=cpu']
+SCRIPTS = {'convert_labels.py': convert_labels.main, 'mic_train.py': mic_train.main, 'mic_eval.py': mic_eval.main}
+
+
+def run_readme_command(line, base, *extra):
+    """A python command of the README section, with data/toy, work_dirs/toy and my_task.yaml under base."""
+    import shlex
+    toy_opts, _ = readme_commands()
+    line = line.replace('$TOY', toy_opts)
+    for rel in ('data/toy', 'work_dirs/toy', 'my_task.yaml'):
+        line = line.replace(rel, f'{base}/{rel}')
+    argv = shlex.split(line)
+    assert argv[0] == 'python' and argv[1] in SCRIPTS, line
+    args = argv[2:]
+    if extra:
+        args += list(extra) if '--opt' in args else ['--opt', *extra]
+    return run_cli(SCRIPTS[argv[1]], args, expect_error=False)
+
+
+@pytest.fixture(scope='module')
+def toy_run(tmp_path_factory):
+    """The README's worked example, shortened to 4 iterations: convert, train, (evaluate, predict in the tests)."""
+    base = str(tmp_path_factory.mktemp('readme'))
+    truth = write_toy_dataset(f'{base}/data/toy')
+    with open(f'{base}/my_task.yaml', 'w') as f:
+        f.write(readme_config().replace('data/toy', f'{base}/data/toy').replace('work_dirs/toy', f'{base}/work_dirs/toy'))
+    _, commands = readme_commands()
+    converts = [c for c in commands if c.startswith('python convert_labels.py folder')]
+    assert len(converts) == 2
+    for line in converts:
+        run_readme_command(line, base)
+    (train,) = [c for c in commands if c.startswith('python mic_train.py') and '$TOY' in c]
+    metrics, out, _ = run_readme_command(train, base, *FAST)
+    return {'base': base, 'work': f'{base}/work_dirs/toy', 'metrics': metrics, 'out': out, 'truth': truth,
+            'commands': commands}
+
+
+def colours_of(path):
+    return {tuple(c) for c in np.asarray(Image.open(path).convert('RGB')).reshape(-1, 3)}
+
+
+def test_readme_task_trains_and_evaluates(toy_run):
+    work, metrics = toy_run['work'], toy_run['metrics']
+    # the class names of data.classes, in train-id order, in metrics.json and the evaluation log
+    stored = json.load(open(f'{work}/metrics.json'))
+    assert list(stored['IoU']) == TOY_NAMES and stored['mIoU'] == metrics['mIoU'] and 0 <= metrics['mIoU'] <= 100
+    assert 'mIoU16' not in stored and stored['num_images'] == 3
+    evals = [json.loads(line) for line in open(f'{work}/log.jsonl') if '"eval"' in line]
+    assert [e['iteration'] for e in evals] == [2, 4] and all(list(e['IoU']) == TOY_NAMES for e in evals)
+    assert 'target mIoU after 4 iterations' in toy_run['out']
+    # the predictions at the images' own sizes, in the palette of data.classes
+    names = sorted(os.listdir(f'{work}/preds'))
+    assert names == ['v000.png', 'v001.png', 'v002.png']
+    for name in names:
+        img = Image.open(f"{toy_run['base']}/data/toy/target_val/images/{name}")
+        assert Image.open(f'{work}/preds/{name}').size == img.size
+        assert colours_of(f'{work}/preds/{name}') <= set(TOY_COLOURS)
+    # the debug grids draw labels in that palette too: the source label column (the second, 64 pixels
+    # wide, below a 14-pixel header) holds its colours and black (unlabelled) only
+    grid = np.asarray(Image.open(f'{work}/debug/000000.png').convert('RGB'))
+    column = {tuple(c) for c in grid[14:, 64:128].reshape(-1, 3)}
+    assert column <= set(TOY_COLOURS) | {(0, 0, 0)} and len(column & set(TOY_COLOURS)) >= 2
+    # the checkpoint carries the classes; the model has 5 outputs
+    import torch
+    ckpt = torch.load(f'{work}/latest.pth', weights_only=True)
+    assert ckpt['config']['data']['classes']['names'] == TOY_NAMES and ckpt['config']['model']['num_classes'] == 5
+    assert ckpt['modules']['student']['decode_head.head.conv_seg.weight'].shape[0] == 5
+    # the report orders the classes as the task does (some share names with Cityscapes: building)
+    assert mic_report._class_order(list(stored['IoU'])) == TOY_NAMES
+
+
+def test_readme_evaluate_and_predict(toy_run):
+    base, work = toy_run['base'], toy_run['work']
+    evaluate = [c for c in toy_run['commands'] if c.startswith('python mic_eval.py') and '--images' not in c]
+    predict = [c for c in toy_run['commands'] if c.startswith('python mic_eval.py') and '--images' in c]
+    assert evaluate and predict
+    os.remove(f'{work}/metrics.json')
+    metrics, out, _ = run_readme_command(evaluate[0], base, 'data.num_workers=0')
+    assert re.search(r'^impervious surfaces +\d+\.\d\d$', out, re.M) and re.search(r'^car +\d+\.\d\d$', out, re.M)
+    assert list(json.load(open(f'{work}/metrics.json'))['IoU']) == TOY_NAMES
+    assert metrics['mIoU'] == pytest.approx(toy_run['metrics']['mIoU'])
+    _, out, _ = run_readme_command(predict[0], base)
+    images = sorted(os.listdir(f'{base}/data/toy/target/images'))
+    out_dir = f'{work}/pred_target'
+    assert sorted(os.listdir(out_dir)) == sorted([n[:-4] + '_pred.png' for n in images] +
+                                                 [n[:-4] + '_overlay.png' for n in images])
+    for n in images:
+        assert colours_of(f'{out_dir}/{n[:-4]}_pred.png') <= set(TOY_COLOURS)
+        assert Image.open(f'{out_dir}/{n[:-4]}_overlay.png').size == Image.open(f'{base}/data/toy/target/images/{n}').size
+
+
+def test_target_without_labels_trains_and_predicts(toy_run, tmp_path):
+    """No labelled target images at all: data.val is the unlabelled target folder. Training runs,
+    skips the periodic evaluations, writes the predictions and says it cannot compute the mIoU."""
+    base = toy_run['base']
+    work = str(tmp_path / 'nolabels')
+    argv = ['--cfg', f'{base}/my_task.yaml', '--opt', *readme_commands()[0].split(), *FAST,
+            f'data.val={{type: folder, root: {base}/data/toy/target, img_dir: images, label_dir: null, '
+            f'label_suffix: null}}',
+            f'train.work_dir={work}']
+    metrics, out, _ = run_cli(mic_train.main, argv, expect_error=False)
+    assert metrics['mIoU'] is None and metrics['num_images'] == 4
+    assert 'has no labels: cannot compute mIoU, predictions only' in out
+    assert 'no mIoU without labels: predictions in' in out
+    assert sorted(os.listdir(f'{work}/preds')) == ['t000.png', 't001.png', 't002.png', 't003.png']
+    assert not [line for line in open(f'{work}/log.jsonl') if '"eval"' in line]  # no periodic evaluation
+    assert json.load(open(f'{work}/metrics.json'))['mIoU'] is None
+    # the same command again reports the finished run; mic_eval predicts and says why there is no mIoU
+    assert run_cli(mic_train.main, argv, expect_error=False)[0]['mIoU'] is None
+    result, out, _ = run_cli(mic_eval.main, ['--ckpt', f'{work}/latest.pth', '--out', tmp_path / 'ev', '--opt',
+                                             'data.num_workers=0'], expect_error=False)
+    assert result is None and 'has no labels (no label_suffix): cannot compute mIoU' in out
+    assert len(os.listdir(tmp_path / 'ev' / 'preds')) == 4
 
 
 if __name__ == '__main__':
