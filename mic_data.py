@@ -159,9 +159,6 @@ def class_table(classes=None, num_classes=None):
         raise DataError(str(e)) from None
 
 
-CITYSCAPES = class_table()  # the table of the benchmarks
-
-
 # --------------------------------------------------------------------------
 # Reading and writing files
 # --------------------------------------------------------------------------
@@ -613,7 +610,7 @@ def pad_to(x, size, value):
 
 def _convert_hint(kind, stats_dir):
     if kind == 'folder':
-        return f'python convert_labels.py folder {stats_dir} --label-suffix SUFFIX --id-map MAP.yaml'
+        return f'python convert_labels.py folder {stats_dir} --label-suffix SUFFIX --id-map MAP.yaml|--num-classes K'
     kind = kind if kind in ('gta', 'synthia', 'cityscapes') else '{gta,synthia,cityscapes}'
     return f'python convert_labels.py {kind} {stats_dir}'
 
