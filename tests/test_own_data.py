@@ -9,7 +9,6 @@ The toy task of the README section "Your own data" is generated here; to try the
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -162,8 +161,9 @@ def readme_config():
 
 
 def readme_commands():
-    """The README section's shell lines: {'TOY': overrides}, and the python commands in order."""
-    lines = [line.split('  #')[0].strip() for b in readme_blocks('bash') for line in b.replace('\\\n', ' ').splitlines()]
+    """The README section's shell lines: (the TOY overrides, the python commands in order)."""
+    lines = [line.split('  #')[0].strip()
+             for b in readme_blocks('bash') for line in b.replace('\\\n', ' ').splitlines()]
     toy = next(line for line in lines if line.startswith('TOY='))
     return toy[len('TOY='):].strip('"'), [line for line in lines if line.startswith('python ')]
 
@@ -528,7 +528,8 @@ def test_folder_listing_with_img_dir_and_label_dir(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(flat / 'labels' / 'x_labelTrainIds.png')
     assert mic_data.list_samples({**_folder_cfg(flat), 'img_dir': None}) == [
         (str(flat / 'x.png'), str(flat / 'labels' / 'x_labelTrainIds.png'))]
-    assert mic_data.has_labels(_folder_cfg(root)) and not mic_data.has_labels({**_folder_cfg(root), 'label_suffix': None})
+    assert mic_data.has_labels(_folder_cfg(root))
+    assert not mic_data.has_labels({**_folder_cfg(root), 'label_suffix': None})
     # a label without its image (count mismatch) and an image without its label name the file
     _write_train_ids(root, 'd', np.zeros((8, 8), np.uint8))
     os.remove(root / 'images' / 'd.png')
@@ -695,7 +696,8 @@ def toy_run(tmp_path_factory):
     base = str(tmp_path_factory.mktemp('readme'))
     truth = write_toy_dataset(f'{base}/data/toy')
     with open(f'{base}/my_task.yaml', 'w') as f:
-        f.write(readme_config().replace('data/toy', f'{base}/data/toy').replace('work_dirs/toy', f'{base}/work_dirs/toy'))
+        f.write(readme_config().replace('data/toy', f'{base}/data/toy')
+                .replace('work_dirs/toy', f'{base}/work_dirs/toy'))
     _, commands = readme_commands()
     converts = [c for c in commands if c.startswith('python convert_labels.py folder')]
     assert len(converts) == 2
@@ -758,7 +760,8 @@ def test_readme_evaluate_and_predict(toy_run):
                                                  [n[:-4] + '_overlay.png' for n in images])
     for n in images:
         assert colours_of(f'{out_dir}/{n[:-4]}_pred.png') <= set(TOY_COLOURS)
-        assert Image.open(f'{out_dir}/{n[:-4]}_overlay.png').size == Image.open(f'{base}/data/toy/target/images/{n}').size
+        size = Image.open(f'{base}/data/toy/target/images/{n}').size
+        assert Image.open(f'{out_dir}/{n[:-4]}_overlay.png').size == size
 
 
 def test_target_without_labels_trains_and_predicts(toy_run, tmp_path):
