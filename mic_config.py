@@ -16,6 +16,13 @@ negative max_iters, a probability above 1, ...) and keys that do not fit togethe
 the key, the value and what is allowed.
 The resolved config is a tree of plain dicts (JSON-serialisable, stored in
 every checkpoint) that also allows attribute access.
+
+Classes are data: data.classes names the classes of the task (default: the 19 Cityscapes classes
+of the benchmarks), with their colours, the label value of unlabelled pixels and the 'thing'
+classes; model.num_classes and uda.fd_classes follow from it unless given (resolve_classes()
+gives the table). Keys added after the first release (data.classes, the folder keys img_dir and
+label_dir) are left out of the resolved config while they hold their defaults, so the resolved
+configs of the existing experiments are byte for byte what they were.
 """
 import argparse
 import copy
@@ -97,7 +104,7 @@ class ModelConfig:
     decode_head: DecodeHeadConfig = _section(DecodeHeadConfig)
     hrda: HRDAConfig = _section(HRDAConfig)  # used when type == 'hrda'
     test: TestConfig = _section(TestConfig)
-    num_classes: int = 19  # Cityscapes train ids 0..18
+    num_classes: Optional[int] = None  # null: the number of data.classes (19 for Cityscapes); given, it must agree
     # ImageNet weights of the encoder; null: scratch. SegFormer's pretrained/mit_b5.pth (mit_bN.pth for the others);
     # ResNet-V1c: OpenMMLab's pretrained/resnet101_v1c-e67eebb6.pth or pretrained/resnet50_v1c-2cccc1ad.pth
     pretrained: Optional[str] = 'pretrained/mit_b5.pth'
@@ -110,6 +117,56 @@ class ModelConfig:
 
 DATASET_TYPES = Literal['gta', 'synthia', 'cityscapes', 'acdc', 'darkzurich', 'folder']
 
+# The class table of the Cityscapes benchmarks (GTA, Synthia, Cityscapes, ACDC, Dark Zurich): the
+# default of data.classes. Train id i = names[i]; 'things' are the classes of the ImageNet feature
+# distance (DAFormer), its default uda.fd_classes.
+CITYSCAPES_CLASSES = {
+    'names': ['road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign',
+              'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train',
+              'motorcycle', 'bicycle'],
+    'palette': [[128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153],
+                [153, 153, 153], [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152],
+                [70, 130, 180], [220, 20, 60], [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100],
+                [0, 80, 100], [0, 0, 230], [119, 11, 32]],
+    'ignore_index': 255,
+    'things': ['traffic light', 'traffic sign', 'person', 'rider', 'car', 'truck', 'bus', 'train',
+               'motorcycle', 'bicycle'],
+}
+CLASS_PRESETS = {'cityscapes': CITYSCAPES_CLASSES}  # data.classes: <name>
+MAX_CLASSES = 255  # labels are uint8 and 255 marks unlabelled pixels inside the code
+
+
+def _optional(default=None):
+    """A key that the resolved config leaves out while it holds its default. Keys added after the
+    first release are of this kind, so that the resolved configs of the existing experiments (the
+    config.yaml of their run folders, the config stored in their checkpoints) stay as they were."""
+    return field(default=default, metadata={'omit_default': True})
+
+
+@dataclass
+class ClassesConfig:  # data.classes, when not a preset name: the classes of your own task
+    names: List[str] = _list()  # one name per class: train id i (the value in the label PNGs) is names[i]
+    palette: Optional[List[List[int]]] = None  # [r, g, b] per class for colour predictions; null: generated
+    ignore_index: int = 255  # the label value of unlabelled pixels (not a train id; read as 255)
+    # 'thing' classes (names or train ids): the classes the ImageNet feature distance applies to (the
+    # default of uda.fd_classes); DAFormer's insight is to keep the encoder's ImageNet features of objects
+    things: List[Union[str, int]] = _list()
+
+    @staticmethod
+    def expand(value):
+        """The mapping form of a data.classes value: a preset name or a list of names expanded."""
+        if isinstance(value, str) and value in CLASS_PRESETS:
+            return copy.deepcopy(CLASS_PRESETS[value])
+        if isinstance(value, (list, tuple)):
+            return {'names': list(value)}
+        return value
+
+    @staticmethod
+    def merge_base(current, update):
+        """What a mapping `update` of data.classes merges into: new names start a new class table (the
+        defaults of the other keys); other keys (--opt data.classes.things=[car]) update the current one."""
+        return dataclasses.asdict(ClassesConfig()) if 'names' in update else ClassesConfig.expand(current)
+
 
 @dataclass
 class DatasetConfig:
@@ -121,6 +178,9 @@ class DatasetConfig:
     crop_pseudo_margins: Optional[List[int]] = None
     img_suffix: str = '.png'  # folder only: image file suffix
     label_suffix: Optional[str] = None  # folder only: label = image path with img_suffix -> this; null: none
+    img_dir: Optional[str] = _optional()  # folder only: images under root/img_dir (null: anywhere under root)
+    label_dir: Optional[str] = _optional()  # folder only: labels under root/label_dir at the image's relative
+    #   path (null: beside the images)
 
 
 @dataclass
@@ -147,6 +207,11 @@ class DemoConfig:
 
 @dataclass
 class DataConfig:
+    # the classes: a preset name (cityscapes: the 19 classes of the benchmarks), a list of names, or
+    # {names, palette, ignore_index, things} (ClassesConfig). model.num_classes and uda.fd_classes
+    # follow from it. Left out of the resolved config while it is 'cityscapes'; read it with
+    # mic_config.resolve_classes(cfg.data) or mic_data.class_table(cfg.data)
+    classes: Union[Literal[tuple(CLASS_PRESETS)], List[str], ClassesConfig] = _optional('cityscapes')
     source: DatasetConfig = _section(DatasetConfig)  # labelled source domain
     target: DatasetConfig = field(default_factory=lambda: DatasetConfig(
         type='cityscapes', root='data/cityscapes', split='train', img_scale=[2048, 1024],
@@ -192,7 +257,9 @@ class UDAConfig:
     pseudo_weight_ignore_top: int = 0  # DAFormer's legacy margins: zero the pseudo weight of the crop's top rows
     pseudo_weight_ignore_bottom: int = 0  # ... and bottom rows
     fd_lambda: float = 0.005  # ImageNet feature distance weight (0 = off)
-    fd_classes: List[int] = _list(6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # thing classes the distance applies to
+    # train ids of the classes the distance applies to; null: the things of data.classes (Cityscapes:
+    # 6, 7, 11, ..., 18). A list here takes precedence over data.classes.things
+    fd_classes: Optional[List[int]] = None
     fd_min_ratio: float = 0.75  # label downscaling: keep a block's majority class only above this share
     color_jitter_strength: float = 0.2  # brightness, contrast, saturation and hue range
     color_jitter_probability: float = 0.2  # jitter is applied when u > this (so with probability 0.8)
@@ -237,8 +304,8 @@ class TrainConfig:
     debug_img_interval: int = 1000  # iterations between debug image grids (0 = never)
     amp: Literal['none', 'bf16', 'fp16'] = 'none'  # autocast precision (the paper: fp32)
     compile: bool = False  # torch.compile the student's encoder
-    deterministic: bool = False  # deterministic algorithms, no cuDNN autotuning (slower; for comparing runs)
-    tensorboard: bool = False  # also write TensorBoard logs to work_dir/tensorboard (needs `pip install tensorboard`)
+    deterministic: bool = _optional(False)  # deterministic algorithms, no cuDNN autotuning (slower; for comparing runs)
+    tensorboard: bool = _optional(False)  # also write TensorBoard logs to work_dir/tensorboard (needs `pip install tensorboard`)
     device: Optional[str] = None  # null = cuda if available, else cpu
 
 
@@ -327,11 +394,17 @@ def _check(value, tp, key):
     """Return `value` converted to the schema type `tp`, or raise naming `key`."""
     origin = typing.get_origin(tp)
     if origin is Union:
+        inner = None  # the error inside the alternative of the value's own kind (a mapping, a list)
         for arg in typing.get_args(tp):
             try:
                 return _check(value, arg, key)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                if (isinstance(value, dict) and dataclasses.is_dataclass(arg)) or \
+                        (isinstance(value, (list, tuple)) and typing.get_origin(arg) in (list, List)):
+                    inner = inner or e
+        if inner is not None and str(inner).startswith(('unknown config key', f'config key {key!r}[',
+                                                         f"config key '{key}[", f"config key '{key}.")):
+            raise inner  # names the inner key: 'data.classes.nmes', 'data.sync_crop_size[1]'
     elif origin is Literal:
         if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
             return value
@@ -380,6 +453,13 @@ def _merge_section(cls, base, update, prefix):
         tp = hints[name]
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             out[name] = _merge_section(tp, out.get(name, {}), value, key)
+        elif isinstance(value, dict) and typing.get_origin(tp) is Union \
+                and any(dataclasses.is_dataclass(a) for a in typing.get_args(tp)):
+            # a mapping that may also be given otherwise (data.classes: a preset, a list of names):
+            # --opt data.classes.palette=... updates it
+            section = next(a for a in typing.get_args(tp) if dataclasses.is_dataclass(a))
+            base = getattr(section, 'merge_base', lambda v, u: v)(out.get(name, fields[name].default), value)
+            out[name] = _merge_section(section, base, value, key) if isinstance(base, dict) else _check(value, tp, key)
         else:
             out[name] = _check(value, tp, key)
     return out
@@ -591,19 +671,189 @@ def _check_relations(model, data=None):
                               f'{min_size}x{min_size} pixels for HRDA with context scale {context:g}')
 
 
+# --------------------------------------------------------------------------
+# Classes: data.classes, and the keys that follow from it (model.num_classes, uda.fd_classes)
+# --------------------------------------------------------------------------
+
+def generated_palette(n):
+    """n distinct colours [r, g, b]: the PASCAL VOC palette from index 1 on (its index 0, black, is
+    the colour of unlabelled pixels): (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), ..."""
+    out = []
+    for i in range(1, n + 1):
+        rgb, c = [0, 0, 0], i
+        for bit in range(7, -1, -1):
+            for ch in range(3):
+                rgb[ch] |= ((c >> ch) & 1) << bit
+            c >>= 3
+        out.append(rgb)
+    return out
+
+
+def _classes_error(key, text):
+    return ConfigError(f'config key {key!r}: {text}')
+
+
+def normalise_classes(value, key='data.classes'):
+    """A data.classes value (preset name, list of names or mapping, as the schema allows) checked and in
+    its resolved form: the preset name, or {names, palette, ignore_index, things} with the things as
+    names. Raises ConfigError naming the key for duplicate names, a palette of the wrong length, ..."""
+    if value is None or isinstance(value, str):
+        name = 'cityscapes' if value is None else value
+        if name not in CLASS_PRESETS:
+            raise _classes_error(key, f'unknown class preset {name!r}; choose {", ".join(CLASS_PRESETS)}, or give '
+                                      f'the names: {{names: [...], things: [...]}}')
+        return name
+    value = _merge_section(ClassesConfig, dataclasses.asdict(ClassesConfig()), to_plain(ClassesConfig.expand(value)),
+                           key)
+    names, palette, ignore, things = value['names'], value['palette'], value['ignore_index'], value['things']
+    if not names:
+        raise _classes_error(f'{key}.names', 'needs at least one class name (train id i = names[i])')
+    if len(names) > MAX_CLASSES:
+        raise _classes_error(f'{key}.names', f'{len(names)} classes; at most {MAX_CLASSES} fit in 8-bit labels '
+                                             f'(255 marks unlabelled pixels)')
+    seen = {}
+    for i, n in enumerate(names):
+        if not n.strip():
+            raise _classes_error(f'{key}.names[{i}]', 'a class name must not be empty')
+        if n in seen:
+            raise _classes_error(f'{key}.names', f'{n!r} is listed twice (train ids {seen[n]} and {i}); class '
+                                                 f'names must be unique (they name the IoU of each class)')
+        seen[n] = i
+    if palette is not None:
+        if len(palette) != len(names):
+            raise _classes_error(f'{key}.palette', f'{len(palette)} colours for {len(names)} classes '
+                                                   f'({key}.names); give one [r, g, b] per class, or null for '
+                                                   f'generated colours')
+        for i, c in enumerate(palette):
+            if len(c) != 3 or not all(0 <= v <= 255 for v in c):
+                raise _classes_error(f'{key}.palette[{i}]', f'expected [r, g, b] with values 0..255 (the colour '
+                                                            f'of {names[i]!r}), got {c!r}')
+    if not 0 <= ignore <= 255:
+        raise _classes_error(f'{key}.ignore_index', f'expected a label value in 0..255, got {ignore}')
+    if ignore < len(names):
+        raise _classes_error(f'{key}.ignore_index', f'{ignore} is the train id of class {names[ignore]!r}; '
+                                                    f'unlabelled pixels need a value >= {len(names)} (usually 255)')
+    out_things = []
+    for i, t in enumerate(things):
+        if isinstance(t, int):
+            if not 0 <= t < len(names):
+                raise _classes_error(f'{key}.things[{i}]', f'{t} is not a train id of {key}.names '
+                                                           f'(0..{len(names) - 1})')
+            t = names[t]
+        elif t not in seen:
+            close = difflib.get_close_matches(t, names, n=1)
+            raise _classes_error(f'{key}.things[{i}]', f'{t!r} is not one of {key}.names'
+                                                       + (f' (did you mean {close[0]!r}?)' if close else ''))
+        if t in out_things:
+            raise _classes_error(f'{key}.things', f'{t!r} is listed twice')
+        out_things.append(t)
+    return {'names': list(names), 'palette': palette, 'ignore_index': ignore, 'things': out_things}
+
+
+def resolve_classes(classes=None, num_classes=None):
+    """The class table of a task: {'names', 'palette' (an [r, g, b] per class), 'ignore_index', 'things'
+    (train ids)}, tuples throughout.
+
+    classes: a data.classes value, or a whole data section (absent key: the Cityscapes preset).
+    num_classes: model.num_classes when known. Without data.classes a number other than the preset's
+    gives classes named '0'..'K-1' (configs written before data.classes), the Cityscapes colours first.
+    """
+    if isinstance(classes, dict) and 'names' not in classes:  # a data section
+        classes = classes.get('classes')
+    value = normalise_classes(classes)
+    if isinstance(value, str):
+        value = CLASS_PRESETS[value]
+        if num_classes is not None and num_classes != len(value['names']):
+            palette = value['palette'] + generated_palette(max(num_classes, 0))[len(value['palette']):]
+            value = {'names': [str(c) for c in range(num_classes)], 'palette': palette[:num_classes],
+                     'ignore_index': 255, 'things': []}
+    names = tuple(value['names'])
+    palette = value['palette'] if value['palette'] is not None else generated_palette(len(names))
+    return {'names': names, 'palette': tuple(tuple(c) for c in palette), 'ignore_index': value['ignore_index'],
+            'things': tuple(names.index(t) for t in value['things'])}
+
+
+def _updates_classes(update):
+    data = update.get('data') if isinstance(update, dict) else None
+    return isinstance(data, dict) and 'classes' in data
+
+
+def _drop_defaults(tree, cls):
+    """Remove the _optional keys of `tree` (a section of schema `cls`) that hold their default, in place."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in tree:
+            continue
+        if f.metadata.get('omit_default') and tree[f.name] == f.default:
+            del tree[f.name]
+        elif dataclasses.is_dataclass(hints[f.name]) and isinstance(tree[f.name], dict):
+            _drop_defaults(tree[f.name], hints[f.name])
+
+
+def _complete(cfg):
+    """Resolve a merged whole config (a plain dict, in place): data.classes in its resolved form,
+    model.num_classes and uda.fd_classes derived from it where null, optional keys at their
+    defaults left out. Raises ConfigError when model.num_classes disagrees with data.classes."""
+    data, model, uda = cfg['data'], cfg['model'], cfg['uda']
+    if 'classes' in data:
+        data['classes'] = normalise_classes(data['classes'])
+    classes = data.get('classes', 'cityscapes')
+    named = len(CLASS_PRESETS[classes]['names']) if isinstance(classes, str) else len(classes['names'])
+    if model['num_classes'] is None:
+        model['num_classes'] = named
+    elif not isinstance(classes, str) and model['num_classes'] != named:
+        raise ConfigError(f"config keys 'model.num_classes' ({model['num_classes']}) and 'data.classes' ({named} "
+                          f'names) disagree: leave model.num_classes out (it follows data.classes) or make them agree')
+    if uda['fd_classes'] is None:
+        uda['fd_classes'] = list(resolve_classes(classes, model['num_classes'])['things'])
+    return cfg
+
+
+def _complete_section(name, section):
+    """_complete for one section on its own (resolve_section): what cannot follow from data.classes
+    follows from the default classes."""
+    if name == 'data' and 'classes' in section:
+        section['classes'] = normalise_classes(section['classes'])
+    elif name == 'model' and section['num_classes'] is None:
+        section['num_classes'] = len(CITYSCAPES_CLASSES['names'])
+    elif name == 'uda' and section['fd_classes'] is None:
+        section['fd_classes'] = list(resolve_classes()['things'])
+    return section
+
+
+def _check_classes(cfg):
+    """The keys that depend on the classes: uda.fd_classes must be train ids of them."""
+    K, uda = cfg['model']['num_classes'], cfg['uda']
+    for i, c in enumerate(uda['fd_classes']):
+        if c >= K:
+            raise ConfigError(f"config key 'uda.fd_classes[{i}]': {c} is not a train id of the {K} classes "
+                              f'(data.classes: 0..{K - 1}); list the thing classes in data.classes.things and '
+                              f'leave uda.fd_classes out, or give train ids below {K}')
+    if uda['fd_lambda'] > 0 and not uda['fd_classes']:
+        raise ConfigError("config key 'uda.fd_lambda': the ImageNet feature distance needs thing classes, and "
+                          'data.classes names none: list them in data.classes.things (e.g. [car, person]), or '
+                          'set uda.fd_lambda: 0 to train without the feature distance')
+
+
 def check_values(cfg, section=None):
     """Raise ConfigError, naming the key, for a value outside its range or keys that do not fit
     together. cfg: a whole config (section None) or one section ('model', 'data', ...)."""
     _check_ranges(cfg, section or '')
     if section is None:
         _check_relations(cfg['model'], cfg['data'])
+        _check_classes(cfg)
     elif section == 'model':
         _check_relations(cfg)
 
 
+def _schema_defaults():
+    """The schema's defaults before resolution: keys that follow from data.classes are null."""
+    return dataclasses.asdict(Config())
+
+
 def defaults(section=None):
-    """The default config as a plain dict (or one section of it: 'model', 'data', ...)."""
-    tree = dataclasses.asdict(Config())
+    """The default config as a plain dict (or one section of it: 'model', 'data', ...), resolved."""
+    tree = _complete(_schema_defaults())
     return tree if section is None else tree[section]
 
 
@@ -613,7 +863,7 @@ def resolve_section(name, values):
     cls = typing.get_type_hints(Config)[name]
     if validated(values, cls):
         return values
-    section = _merge_section(cls, defaults(name), to_plain(values or {}), name)
+    section = _complete_section(name, _merge_section(cls, defaults(name), to_plain(values or {}), name))
     check_values(section, name)
     return to_attrdict(section, cls)
 
@@ -640,10 +890,15 @@ def _nest(key, value):
 
 def merge(cfg, *updates):
     """Validate (nested, partial) updates and merge them, in order, into a full config dict; the
-    ranges and relations of the values are checked on the result."""
+    ranges and relations of the values are checked on the result. An update of data.classes makes
+    model.num_classes and uda.fd_classes follow the new classes, unless the updates give them."""
     out = to_plain(cfg)
+    updates = [to_plain(u) for u in updates]
+    if any(_updates_classes(u) for u in updates):
+        out['model']['num_classes'] = out['uda']['fd_classes'] = None
     for update in updates:
-        out = _merge_section(Config, out, to_plain(update), '')
+        out = _merge_section(Config, out, update, '')
+    _complete(out)
     check_values(out)
     return to_attrdict(out, Config)
 
@@ -655,7 +910,7 @@ def load_config(path=None, overrides=()):
     Returns an AttrDict tree: cfg['model'] == cfg.model is what build_model takes.
     """
     import yaml
-    cfg = defaults()
+    cfg = _schema_defaults()
     if path is not None:
         try:
             with open(path) as f:
@@ -670,13 +925,23 @@ def load_config(path=None, overrides=()):
     for text in overrides:
         key, value = parse_override(text)
         cfg = _merge_section(Config, cfg, _nest(key, value), '')
+    _complete(cfg)  # the keys that follow data.classes
     check_values(cfg)  # once all overrides are in: keys that must fit together may change one by one
     return to_attrdict(cfg, Config)
 
 
+def stored(cfg):
+    """The config as it is written to run folders and checkpoints: plain dicts, without the keys
+    added after the first release while they hold their default (_optional), so that the stored
+    configs of earlier runs stay comparable. In memory every key is present."""
+    tree = to_plain(cfg)
+    _drop_defaults(tree, Config)
+    return tree
+
+
 def dump_yaml(cfg):
     import yaml
-    return yaml.safe_dump(to_plain(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(stored(cfg), sort_keys=False, default_flow_style=None)
 
 
 # --------------------------------------------------------------------------

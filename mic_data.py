@@ -38,21 +38,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mic_config import ConfigError, DatasetConfig, exit_error, resolve_section, validated
+from mic_config import (CITYSCAPES_CLASSES, ConfigError, DatasetConfig, exit_error, resolve_classes, resolve_section,
+                        validated)
 
 # --------------------------------------------------------------------------
 # Classes, palettes, label-id tables
 # --------------------------------------------------------------------------
 
-CLASSES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign',
-           'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train',
-           'motorcycle', 'bicycle')  # train ids 0..18
-PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-           (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-           (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-           (0, 80, 100), (0, 0, 230), (119, 11, 32))  # Cityscapes colours of the train ids
-IGNORE_INDEX = 255
+# The Cityscapes classes of the benchmarks (the default data.classes; the table is in mic_config)
+CLASSES = tuple(CITYSCAPES_CLASSES['names'])  # train ids 0..18: road, sidewalk, ..., bicycle
+PALETTE = tuple(tuple(c) for c in CITYSCAPES_CLASSES['palette'])  # Cityscapes colours of the train ids
+IGNORE_INDEX = 255  # unlabelled pixels, inside the code (data.classes.ignore_index is read as this)
 SYNTHIA_CLASSES = tuple(c for c in range(19) if c not in (9, 14, 16))  # Synthia has no terrain, truck, train
+SYNTHIA_CLASS_NAMES = tuple(CLASSES[c] for c in SYNTHIA_CLASSES)  # mIoU16: these classes of any class table
 IMG_MEAN = (123.675, 116.28, 103.53)  # ImageNet statistics, RGB, 0..255
 IMG_STD = (58.395, 57.12, 57.375)
 
@@ -104,11 +102,61 @@ def id_lut(mapping, size=256):
     return lut
 
 
-def colorize(label):
-    """Train-id map [H,W] -> RGB [H,W,3] uint8 in the Cityscapes palette (ignore and unknown ids black)."""
+def colorize(label, palette=None):
+    """Train-id map [H,W] -> RGB [H,W,3] uint8: colour palette[i] for train id i (default: the
+    Cityscapes PALETTE); ignore and ids beyond the palette black."""
+    palette = PALETTE if palette is None else palette
     lut = np.zeros((256, 3), np.uint8)
-    lut[:len(PALETTE)] = PALETTE
+    lut[:len(palette)] = palette
     return lut[np.asarray(label, dtype=np.uint8)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassTable:
+    """The classes of a task (data.classes): train id i is names[i], drawn in palette[i].
+
+    ignore_index: the value of unlabelled pixels in the label files (read as IGNORE_INDEX = 255);
+    things: the train ids of the 'thing' classes (the default of uda.fd_classes).
+    """
+    names: tuple
+    palette: tuple
+    ignore_index: int = IGNORE_INDEX
+    things: tuple = ()
+
+    @property
+    def num_classes(self):
+        return len(self.names)
+
+    def colorize(self, label):
+        return colorize(label, self.palette)
+
+    def check_label(self, label, path):
+        """A label as read ([H,W] uint8) -> the same with ignore_index as IGNORE_INDEX. DataError naming
+        the file and the values when a pixel holds neither a train id 0..K-1 nor ignore_index."""
+        K, ignore = self.num_classes, self.ignore_index
+        counts = np.bincount(np.asarray(label).ravel(), minlength=256)
+        counts[:K] = 0
+        counts[ignore] = 0
+        if counts.any():
+            bad = np.flatnonzero(counts)
+            found = ', '.join(f'{v} ({counts[v]} pixels)' for v in bad[:8]) + (', ...' if len(bad) > 8 else '')
+            raise DataError(f'label {path} holds values outside the train ids 0..{K - 1} of the {K} classes '
+                            f'(data.classes) and {ignore} (unlabelled): {found}; convert raw labels to train ids '
+                            f'first (python convert_labels.py), or correct data.classes')
+        if ignore != IGNORE_INDEX:
+            label = np.where(label == ignore, np.uint8(IGNORE_INDEX), label)
+        return label
+
+
+def class_table(classes=None, num_classes=None):
+    """The ClassTable of a data section (cfg.data) or a data.classes value (None: Cityscapes).
+    num_classes: model.num_classes when known (see mic_config.resolve_classes)."""
+    if isinstance(classes, ClassTable):
+        return classes
+    try:
+        return ClassTable(**resolve_classes(classes, num_classes))
+    except ConfigError as e:
+        raise DataError(str(e)) from None
 
 
 # --------------------------------------------------------------------------
@@ -152,14 +200,20 @@ def read_image(path):
     return np.array(img)  # a writable copy (torch.from_numpy warns on read-only arrays)
 
 
-def read_label(path):
-    """A train-id label PNG (mode L, or P whose palette indices are the ids) -> uint8 [H,W]."""
+def read_label(path, classes=None):
+    """A train-id label PNG (mode L, or P whose palette indices are the ids) -> uint8 [H,W].
+
+    classes: a ClassTable to check the values against (DataError naming the file and the values
+    outside it); its ignore_index then reads as IGNORE_INDEX.
+    """
     img = _open_image(path, 'label')
     if img.mode not in ('L', 'P'):
         raise DataError(f'label {path} has mode {img.mode!r}: train-id labels must be 8-bit single-channel '
-                        f'PNGs (mode L, or P whose indices are the ids). Raw GTA, Synthia and Cityscapes labels '
-                        f'must first be converted: python convert_labels.py {{gta,synthia,cityscapes}} ROOT')
-    return np.array(img)
+                        f'PNGs (mode L, or P whose indices are the ids). Raw labels must first be converted: '
+                        f'python convert_labels.py {{gta,synthia,cityscapes}} ROOT, or for your own data '
+                        f'(ids or RGB colours): python convert_labels.py folder ROOT --label-suffix ... --id-map ...')
+    label = np.array(img)
+    return label if classes is None else classes.check_label(label, path)
 
 
 # errno -> (cause, what to do); {folder} is the output folder
@@ -318,8 +372,9 @@ _LAYOUT_HELP = {
             '(rgb_anon_trainvaltest.zip and gt_trainval.zip, condition folders moved under the split)',
     'darkzurich': '{root}/rgb_anon/{split}/night/<sequence>/*_rgb_anon.png and {root}/gt/{split}/night/'
                   '<sequence>/*_gt_labelTrainIds.png (Dark_Zurich_train_anon.zip, Dark_Zurich_val_anon.zip)',
-    'folder': 'image files ending with img_suffix anywhere under {root}, and labels beside them '
-              '(the image name with img_suffix replaced by label_suffix)',
+    'folder': 'image files ending with img_suffix under {root} (or {root}/img_dir), and labels beside them or '
+              'under {root}/label_dir at the same relative path (the image name with img_suffix replaced by '
+              'label_suffix)',
 }
 
 
@@ -335,6 +390,15 @@ def dataset_config(ds_cfg):
     if cfg['type'] not in _LAYOUT_HELP:
         raise DataError(f'unknown dataset type {cfg["type"]!r}; choose one of {", ".join(_LAYOUT_HELP)}')
     return cfg
+
+
+def has_labels(ds_cfg):
+    """Whether a dataset section has labels to evaluate against: a folder dataset with a label_suffix,
+    any other type except its test split."""
+    cfg = dataset_config(ds_cfg)
+    if cfg['type'] == 'folder':
+        return cfg['label_suffix'] is not None
+    return cfg['split'] != 'test'
 
 
 def _layout_help(kind, root, split):
@@ -370,7 +434,8 @@ def list_samples(ds_cfg, split=None, need_labels=None):
     if not os.path.isdir(root):
         raise DataError(f'dataset root {root} ({kind}) does not exist; expected {layout}')
     if kind == 'folder':
-        img_dir = lbl_dir = root
+        img_dir = os.path.join(root, cfg['img_dir']) if cfg.get('img_dir') else root
+        lbl_dir = os.path.join(root, cfg['label_dir']) if cfg.get('label_dir') else img_dir
         img_suffix, lbl_suffix, recursive, raw_suffix = cfg['img_suffix'], cfg['label_suffix'], True, None
         if lbl_suffix is None and need_labels:
             raise DataError(f'folder dataset {root} has no labels: set label_suffix in its config '
@@ -384,6 +449,8 @@ def list_samples(ds_cfg, split=None, need_labels=None):
     images = _scan(img_dir, img_suffix, recursive)
     if lbl_suffix is not None and lbl_suffix.endswith(img_suffix):
         images = [p for p in images if not p.endswith(lbl_suffix)]  # labels sit beside the images
+    if kind == 'folder' and lbl_dir != img_dir and _inside(lbl_dir, img_dir):
+        images = [p for p in images if not _inside(p, lbl_dir)]  # a label folder inside the image folder
     if not images:
         raise DataError(f'no images ending with {img_suffix!r} under {img_dir}; expected {layout}')
     if lbl_suffix is None:
@@ -407,15 +474,37 @@ def list_samples(ds_cfg, split=None, need_labels=None):
             if raw and os.path.isfile(raw):
                 raise DataError(f'{kind} labels in {lbl_dir} are not converted to train ids ({raw} has no '
                                 f'{lbl}): run `python convert_labels.py {kind} {root}`')
+            if kind == 'folder':
+                raise DataError(f'image {p} has no label: expected {lbl} ({len(images)} images, {len(existing)} '
+                                f'labels ending with {lbl_suffix!r} under {lbl_dir}). Labels of raw ids or colours '
+                                f'are converted by `python convert_labels.py folder {root} --label-suffix SUFFIX '
+                                f'--id-map MAP.yaml`, which writes the *_labelTrainIds.png files; raw labels must '
+                                f'not look like images: keep them in a label_dir or give them another suffix')
             raise DataError(f'image {p} has no label: expected {lbl} (layout: {layout})')
+    if kind == 'folder':
+        orphans = sorted(existing - {lbl for _, lbl in samples})
+        if orphans:
+            raise DataError(f'{len(orphans)} label(s) under {lbl_dir} have no image ({len(images)} images, '
+                            f'{len(existing)} labels), e.g. {orphans[0]}: expected its image at '
+                            f'{_image_of(orphans[0], lbl_dir, img_dir, lbl_suffix, img_suffix)}; remove the label '
+                            f'or add the image (check img_suffix, img_dir and label_dir)')
     return samples
 
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp')
+def _inside(path, folder):
+    return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)
+
+
+def _image_of(label_path, lbl_dir, img_dir, lbl_suffix, img_suffix):
+    rel = os.path.relpath(label_path, lbl_dir)
+    return os.path.join(img_dir, rel[:-len(lbl_suffix)] + img_suffix)
+
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')  # what --images reads
 
 
 def scan_images(folder):
-    """(images, others): sorted paths of the .png/.jpg/.jpeg/.bmp files under `folder` (recursively)
+    """(images, others): sorted paths of the IMAGE_EXTENSIONS files under `folder` (recursively)
     and of the other files there, which are not read (temporary files of atomic_write are neither)."""
     if not os.path.isdir(folder):
         raise DataError(f'image folder {folder} does not exist')
@@ -431,7 +520,7 @@ def scan_images(folder):
 
 
 def list_images(folder):
-    """Sorted paths of all .png/.jpg/.jpeg/.bmp files under `folder` (recursively)."""
+    """Sorted paths of all IMAGE_EXTENSIONS files under `folder` (recursively)."""
     return scan_images(folder)[0]
 
 
@@ -531,6 +620,8 @@ def pad_to(x, size, value):
 # --------------------------------------------------------------------------
 
 def _convert_hint(kind, stats_dir):
+    if kind == 'folder':
+        return f'python convert_labels.py folder {stats_dir} --label-suffix SUFFIX --id-map MAP.yaml|--num-classes K'
     kind = kind if kind in ('gta', 'synthia', 'cityscapes') else '{gta,synthia,cityscapes}'
     return f'python convert_labels.py {kind} {stats_dir}'
 
@@ -574,21 +665,30 @@ def rcs_class_probs(stats_json_path, temperature, kind=None):
 # Training data: UDA pairs of a source and a target crop
 # --------------------------------------------------------------------------
 
-def load_resized(img_path, label_path, img_scale):
-    """Image uint8 [h,w,3] and label uint8 [h,w] (or None) resized to fit img_scale."""
+def load_resized(img_path, label_path, img_scale, classes=None, exact=False):
+    """Image uint8 [h,w,3] and label uint8 [h,w] (or None) resized to fit img_scale.
+
+    classes: the ClassTable the label values are checked against (see read_label). exact: the label
+    must have its image's size (folder datasets), not only its aspect ratio.
+    """
     img = read_image(img_path)
     size = rescale_size(img.shape[0], img.shape[1], img_scale)
     label = None
     if label_path is not None:
-        label = read_label(label_path)
+        label = read_label(label_path, classes)
         (h, w), (lh, lw) = img.shape[:2], label.shape
         # the reference resizes image and label to img_scale separately, so labels a few pixels off
         # (a handful of GTA files) still train; a different aspect ratio is a wrong pairing
-        if abs(lh / lw - h / w) > 0.05 * h / w:
+        if abs(lh / lw - h / w) > 0.05 * h / w or (exact and (lh, lw) != (h, w)):
             raise DataError(f'label {label_path} is {lw}x{lh} but its image {img_path} is {w}x{h}; '
                             f'labels must match their image size')
         label = resize_label(label, size)
     return resize_image(img, size), label
+
+
+def _tail(path, parts):
+    """The last `parts` components of a path, '/'-joined ('a/b/c.png', 2 -> 'b/c.png')."""
+    return '/'.join(os.path.normpath(path).replace('\\', '/').split('/')[-parts:])
 
 
 class UDADataset(torch.utils.data.Dataset):
@@ -602,6 +702,7 @@ class UDADataset(torch.utils.data.Dataset):
     def __init__(self, data_cfg, seed, rank=0):
         self.cfg = resolve_section('data', data_cfg)
         self.seed, self.rank = int(seed), int(rank)
+        self.classes = class_table(self.cfg)  # source label values are checked against it
         src, tgt = self.cfg['source'], self.cfg['target']
         self.source = list_samples(src, need_labels=True)
         self.target = [img for img, _ in list_samples(tgt, need_labels=False)]
@@ -614,15 +715,24 @@ class UDADataset(torch.utils.data.Dataset):
     def _init_rcs(self, src, rcs):
         stats = os.path.join(src['root'], 'sample_class_stats.json')
         classes, probs = rcs_class_probs(stats, rcs['temperature'], kind=src['type'])
+        K = self.classes.num_classes
+        if max(classes) >= K:
+            raise DataError(f'{stats} counts pixels of train id {max(classes)}, but data.classes has {K} classes '
+                            f'(train ids 0..{K - 1}): statistics of other labels? re-run '
+                            f'`{_convert_hint(src["type"], src["root"])}`')
         with_class = _load_stats_json(os.path.join(src['root'], 'samples_with_class.json'), src['type'])
-        # stats name files by the path of the machine that wrote them: match on the label's basename
-        by_name = {os.path.basename(lbl): i for i, (_, lbl) in enumerate(self.source)}
+        # stats name files by the path of the machine that wrote them: match on the label's basename,
+        # or on as many trailing path parts as make the labels unique (folder datasets with subfolders)
+        parts = 1
+        while len({_tail(lbl, parts) for _, lbl in self.source}) < len(self.source) and parts < 64:
+            parts += 1
+        by_name = {_tail(lbl, parts): i for i, (_, lbl) in enumerate(self.source)}
         self.rcs_files = {}
         for c in classes:
             files = []
             for path, n in with_class.get(str(c), []):
                 if n > rcs['min_pixels']:
-                    name = os.path.basename(path)
+                    name = _tail(path, parts)
                     if name not in by_name:
                         raise DataError(f'{src["root"]}/samples_with_class.json lists {path}, which is not a '
                                         f'label of the dataset (stale statistics?): re-run '
@@ -633,7 +743,7 @@ class UDADataset(torch.utils.data.Dataset):
         if empty:
             # the reference asserts here; we sample the other classes and say so
             warnings.warn(f'rare class sampling: no file has more than {rcs["min_pixels"]} pixels of classes '
-                          f'{[CLASSES[c] for c in empty]}; they are not sampled (lower data.rcs.min_pixels)')
+                          f'{[self.classes.names[c] for c in empty]}; they are not sampled (lower data.rcs.min_pixels)')
             keep = [i for i, c in enumerate(classes) if self.rcs_files[c]]
             classes = [classes[i] for i in keep]
             probs = probs[keep] / probs[keep].sum()
@@ -642,6 +752,10 @@ class UDADataset(torch.utils.data.Dataset):
     def __len__(self):
         return 2 ** 62  # infinite in practice: InfiniteSampler decides which indices are drawn
 
+    def _load_source(self, i):
+        src = self.cfg['source']
+        return load_resized(*self.source[i], src['img_scale'], self.classes, exact=src['type'] == 'folder')
+
     def _source_crop(self, rng, img, label):
         box = crop_box_cat_max_ratio(rng, label, self.crop_size, self.cfg['cat_max_ratio'])
         flip = bool(rng.random() < 0.5)
@@ -649,16 +763,15 @@ class UDADataset(torch.utils.data.Dataset):
 
     def _source(self, rng):
         """Source crop (uint8 [h,w,3], [h,w]) and the rare class it was drawn for (-1: RCS off)."""
-        src = self.cfg['source']
         if not self.rcs_enabled:
             i = int(rng.integers(len(self.source)))
-            img, label = load_resized(*self.source[i], src['img_scale'])
+            img, label = self._load_source(i)
             return (*self._source_crop(rng, img, label), -1)
         rcs = self.cfg['rcs']
         c = int(self.rcs_classes[rng.choice(len(self.rcs_classes), p=self.rcs_probs)])
         files = self.rcs_files[c]
         i = files[int(rng.integers(len(files)))]
-        img, label = load_resized(*self.source[i], src['img_scale'])
+        img, label = self._load_source(i)
         img_crop, label_crop = self._source_crop(rng, img, label)
         if rcs['min_crop_ratio'] > 0:
             for _ in range(10):  # re-crop until the crop holds enough pixels of the rare class
@@ -779,11 +892,14 @@ class EvalDataset(torch.utils.data.Dataset):
     ds_cfg: a dataset section (e.g. data.val, with its split). __getitem__(i) -> dict:
     img float32 [3,h,w] normalised, resized to fit ds_cfg img_scale; label uint8 [H0,W0] or None;
     ori_size (H0, W0); img_path; label_path (or None).
+    classes: a ClassTable (or data section) whose values the labels are checked against, its
+    ignore_index read as 255; None: labels as they are.
     """
 
-    def __init__(self, ds_cfg, need_labels=True):
+    def __init__(self, ds_cfg, need_labels=True, classes=None):
         self.cfg = dataset_config(ds_cfg)
         self.samples = list_samples(self.cfg, need_labels=need_labels)
+        self.classes = None if classes is None else class_table(classes)
 
     def __len__(self):
         return len(self.samples)
@@ -794,7 +910,7 @@ class EvalDataset(torch.utils.data.Dataset):
         h0, w0 = img.shape[:2]
         label = None
         if label_path is not None:
-            label = read_label(label_path)
+            label = read_label(label_path, self.classes)
             if label.shape != (h0, w0):
                 raise DataError(f'label {label_path} is {label.shape[1]}x{label.shape[0]} but its image '
                                 f'{img_path} is {w0}x{h0}; labels must match their image size')
@@ -824,16 +940,17 @@ def _show(args):
     from mic_config import load_config
     cfg = load_config(args.cfg, args.opt)
     dataset = UDADataset(cfg.data, seed=cfg.train.seed)
+    classes = class_table(cfg.data, cfg.model.num_classes)
     make_dirs(args.out)
     for k in range(args.num):
         s = dataset[k]
         mask = np.repeat(s['valid_pseudo_mask'][0].numpy()[..., None] * 255, 3, axis=2)
-        strip = np.concatenate([_denormalize(s['img']), colorize(s['gt'][0].numpy()),
+        strip = np.concatenate([_denormalize(s['img']), classes.colorize(s['gt'][0].numpy()),
                                 _denormalize(s['target_img']), mask], axis=1)
         path = os.path.join(args.out, f'sample_{k:03d}.png')
         save_png(path, strip)
         rare = int(s['rare_class'])
-        print(f'{path}: rare class {CLASSES[rare] if rare >= 0 else "-"}')
+        print(f'{path}: rare class {classes.names[rare] if rare >= 0 else "-"}')
 
 
 def main(argv=None):

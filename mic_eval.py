@@ -4,7 +4,8 @@ benchmark servers, and predictions on any folder of images.
     python mic_eval.py --ckpt work_dirs/gta2cs/latest.pth
         evaluates a finished run with the config stored in its checkpoint, on data.val (Cityscapes
         val): prints the per-class IoU table and the mIoU, writes work_dirs/gta2cs/metrics.json and
-        colour predictions work_dirs/gta2cs/preds/<image stem>.png (Cityscapes palette, original size)
+        colour predictions work_dirs/gta2cs/preds/<image stem>.png (original size, in the colours of
+        data.classes: the Cityscapes palette unless the config names its own classes)
     python mic_eval.py --ckpt mic_hrda_gta2cs.pth --cfg configs/gta2cs.yaml --data-root data/cityscapes
         a released MIC checkpoint (it holds no config: --cfg is required); outputs beside the checkpoint
     python mic_eval.py --ckpt work_dirs/synthia2cs_mic_hrda/latest.pth
@@ -16,7 +17,7 @@ benchmark servers, and predictions on any folder of images.
         Cityscapes test set: OUT/labelIds/<city>_<seq>_<frame>_leftImg8bit.png, 8-bit Cityscapes label
         ids (cityscapesscripts' evalPixelLevelSemanticLabeling accepts the folder as it is)
     python mic_eval.py --ckpt work_dirs/gta2cs/latest.pth --images photos/ --out photos_pred/
-        any folder of images (png/jpg/bmp, any size, 8 or 16 bits): OUT/<stem>_pred.png (colour
+        any folder of images (png/jpg/bmp/tif, any size, 8 or 16 bits): OUT/<stem>_pred.png (colour
         prediction) and OUT/<stem>_overlay.png (prediction blended over the image); no labels needed.
         Other files in the folder are listed and skipped; an unreadable image stops the run unless
         --skip-unreadable is given (then such images are skipped and listed at the end)
@@ -28,6 +29,9 @@ benchmark servers, and predictions on any folder of images.
         mean ± sample std (n - 1) over finished runs (seeds) of mIoU and per-class IoU, from their
         metrics.json: a markdown table (mic_report.py); folders without metrics.json are listed
 
+Classes: the names in the IoU table and metrics.json, the colours of predictions and overlays and
+the allowed label values come from the config's data.classes (README "Your own data"). A data.val
+without labels (a folder dataset without label_suffix) gets predictions and no mIoU.
 --out defaults to the checkpoint's folder (for --images: <checkpoint folder>/pred_<images folder name>);
 it is checked for writing before the model runs. Errors end the program with one line 'error: ...'
 on stderr and exit status 2.
@@ -37,8 +41,9 @@ percent, and num_images, num_pixels, checkpoint, config, split, dataset_type, da
 
 Library use (mic_train.py's periodic evaluation):
 
-    metrics = evaluate(model, cfg.data.val, num_classes=19, amp='bf16', synthia16=False)
-    metrics['mIoU'], metrics['IoU']['road']
+    metrics = evaluate(model, cfg.data.val, num_classes=cfg.model.num_classes, amp='bf16', synthia16=False,
+                       classes=cfg.data)
+    metrics['mIoU'], metrics['IoU']['road']   # IoU by the names of data.classes
 
 evaluate() evaluates the whole split in this process, unless a torch.distributed process group
 is initialised: then it is called on EVERY rank, each rank evaluates its share and all ranks get
@@ -59,7 +64,7 @@ import mic_config
 import mic_data
 import mic_model
 from mic_config import ConfigError, exit_error
-from mic_data import CLASSES, IGNORE_INDEX, SYNTHIA_CLASSES, DataError
+from mic_data import CLASSES, IGNORE_INDEX, SYNTHIA_CLASS_NAMES, DataError
 from mic_model import CheckpointError
 
 EXPORT_FOLDERS = {'trainids': 'labelTrainIds', 'labelids': 'labelIds'}  # --format -> folder under OUT
@@ -138,9 +143,12 @@ def compute_metrics(conf_matrix, class_names=None, synthia16=False):
 
     conf_matrix: [K,K] counts (tensor or array), rows = label, columns = prediction, ignored
         pixels already excluded.
+    class_names: one per class (data.classes; default: the Cityscapes names for 19 classes, else
+        '0', '1', ...).
     IoU_c = TP / (TP + FP + FN); classes with an empty union (neither in the labels nor predicted)
     are excluded from the mean (None), a class only predicted scores 0. mIoU = mean over the
-    others, aAcc = correct / labelled pixels, mIoU16 (synthia16) = mean over SYNTHIA_CLASSES.
+    others, aAcc = correct / labelled pixels, mIoU16 (synthia16) = mean over the 16 classes of
+    SYNTHIA_CLASS_NAMES (looked up by name).
     Returns {'mIoU', 'IoU': {name: IoU}, 'aAcc', ['mIoU16'], 'num_pixels'}: percent, None for NaN.
     """
     if torch.is_tensor(conf_matrix):
@@ -164,9 +172,11 @@ def compute_metrics(conf_matrix, class_names=None, synthia16=False):
         'aAcc': _nan_to_none(tp.sum() / total * 100) if total > 0 else None,
     }
     if synthia16:
-        if K != len(CLASSES):
-            raise ValueError('mIoU16 needs the 19 Cityscapes classes')
-        out['mIoU16'] = _nan_to_none(iou[list(SYNTHIA_CLASSES)].nanmean() * 100)
+        missing = [n for n in SYNTHIA_CLASS_NAMES if n not in class_names]
+        if missing:
+            raise ValueError(f'mIoU16 needs the 16 Synthia classes of Cityscapes; the classes lack {missing}')
+        subset = [list(class_names).index(n) for n in SYNTHIA_CLASS_NAMES]
+        out['mIoU16'] = _nan_to_none(iou[subset].nanmean() * 100)
     out['num_pixels'] = int(total)
     return out
 
@@ -194,7 +204,7 @@ def format_table(metrics):
 # --------------------------------------------------------------------------
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Any images (png/jpg/bmp, RGB, grayscale or RGBA, 8 or 16 bits) with the test transform of
+    """Any images (png/jpg/bmp/tif, RGB, grayscale or RGBA, 8 or 16 bits) with the test transform of
     EvalDataset: resize keeping the ratio to fit img_scale, normalise. Items like EvalDataset's,
     label None. `skipped`: the other files of the folder (not images by their extension)."""
 
@@ -308,10 +318,11 @@ def _train_id_to_label_id_lut():
     return lut
 
 
-def _save_outputs(pred, path_color, path_export, export_format, img_path, path_overlay):
-    """pred uint8 [H,W] train ids -> the requested PNGs (each written atomically)."""
+def _save_outputs(pred, path_color, path_export, export_format, img_path, path_overlay, palette=None):
+    """pred uint8 [H,W] train ids -> the requested PNGs (each written atomically); colours from
+    `palette` (default: Cityscapes')."""
     if path_color is not None:
-        color = mic_data.colorize(pred)
+        color = mic_data.colorize(pred, palette)
         mic_data.save_png(path_color, color)
         if path_overlay is not None:
             img = mic_data.read_image(img_path).astype(np.float32)
@@ -338,11 +349,12 @@ def _dist_rank_world(distributed):
 @torch.no_grad()
 def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_dir=None, export_dir=None,
                   export_format='trainids', names=None, overlay_names=None, progress=True, distributed=None,
-                  num_workers=2, desc='eval', skipped=None, error_hint=''):
+                  num_workers=2, desc='eval', skipped=None, error_hint='', palette=None):
     """Predict every image of `dataset` (EvalDataset-like items), accumulate the confusion matrix
     of the labelled ones and write the requested PNGs.
 
-    pred_dir: colour predictions pred_dir/names[i]; export_dir: train-id or label-id PNGs
+    pred_dir: colour predictions pred_dir/names[i] in `palette` (an [r, g, b] per class; default
+    the Cityscapes colours); export_dir: train-id or label-id PNGs
     export_dir/names[i] (export_format); overlay_names: also the prediction blended over the image,
     pred_dir/overlay_names[i]. names default to the image stem + '.png'.
     An unreadable image (or label) raises DataError with its message + error_hint; unless `skipped`
@@ -408,7 +420,8 @@ def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_
                               os.path.join(pred_dir, names[i]) if pred_dir else None,
                               os.path.join(export_dir, names[i]) if export_dir else None, export_format,
                               item['img_path'],
-                              os.path.join(pred_dir, overlay_names[i]) if overlay_names and pred_dir else None)
+                              os.path.join(pred_dir, overlay_names[i]) if overlay_names and pred_dir else None,
+                              palette)
         ok = True
     finally:
         bar.close()  # ends the bar's line, so that an error message starts on its own
@@ -430,7 +443,7 @@ def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_
 
 def evaluate(model, ds_cfg, num_classes=19, device=None, amp='none', pred_dir=None, progress=True,
              synthia16=False, distributed=None, num_workers=2, export_dir=None, export_format='trainids',
-             need_labels=True):
+             need_labels=None, classes=None):
     """mIoU of `model` (built and loaded) on the dataset `ds_cfg` (e.g. cfg.data.val).
 
     Switches the model to eval mode and restores its previous mode. Writes nothing unless
@@ -442,20 +455,30 @@ def evaluate(model, ds_cfg, num_classes=19, device=None, amp='none', pred_dir=No
         (e.g. called on rank 0 only); True = shard (the group must be initialised). When sharded,
         rank 0's pred_dir / export_dir apply to all ranks (each writes its own images' files).
     need_labels: False evaluates images without labels too (test split): metrics are computed
-        only when every image has a label and some pixel is labelled.
+        only when every image has a label and some pixel is labelled. None: whether the dataset has
+        labels (mic_data.has_labels: not for a test split or a folder dataset without label_suffix).
+    classes: the classes (cfg.data, a data.classes value or a mic_data.ClassTable; None: Cityscapes'
+        for 19 classes): the names in the metrics, the colours of the predictions, the label values.
+        synthia16 applies when they hold the 16 Synthia classes.
     Returns {'mIoU', 'IoU', 'aAcc', ['mIoU16'], 'num_pixels', 'num_images'} (percent; see
     compute_metrics), the same on every rank; without labels only {'num_images': n}.
     """
-    dataset = mic_data.EvalDataset(ds_cfg, need_labels=need_labels)
+    table = mic_data.class_table(classes, num_classes)
+    if table.num_classes != num_classes:
+        raise ValueError(f'{table.num_classes} classes for a model of {num_classes}')
+    if need_labels is None:
+        need_labels = mic_data.has_labels(ds_cfg)
+    dataset = mic_data.EvalDataset(ds_cfg, need_labels=need_labels, classes=table)
     conf, n_images, n_labelled = run_inference(
         model, dataset, num_classes, device, amp, pred_dir=pred_dir, export_dir=export_dir,
-        export_format=export_format, progress=progress, distributed=distributed, num_workers=num_workers)
+        export_format=export_format, progress=progress, distributed=distributed, num_workers=num_workers,
+        palette=table.palette)
     if n_labelled == 0 or n_labelled < n_images or int(conf.sum()) == 0:
         if n_labelled and _dist_rank_world(distributed)[0] == 0:
             print(f'warning: {n_labelled} of {n_images} images have labels, {int(conf.sum())} labelled pixels: '
                   f'no metrics computed')
         return {'num_images': n_images}
-    metrics = compute_metrics(conf, CLASSES if num_classes == len(CLASSES) else None, synthia16)
+    metrics = compute_metrics(conf, table.names, synthia16 and set(SYNTHIA_CLASS_NAMES) <= set(table.names))
     metrics['num_images'] = n_images
     return metrics
 
@@ -578,6 +601,7 @@ def run(args, rank=0, world=1, device=None):
     mic_model.load_checkpoint(model, args.ckpt)
     model.to(device).eval()
     K = cfg['model']['num_classes']
+    classes = mic_data.class_table(cfg['data'], K)  # names, colours and label values of the task
     num_workers = cfg['data']['num_workers']
 
     if args.images:
@@ -591,7 +615,7 @@ def run(args, rank=0, world=1, device=None):
                       overlay_names=[s + '_overlay.png' for s in stems], distributed=world > 1,
                       num_workers=num_workers, desc='predict', skipped=unreadable,
                       error_hint='. To skip unreadable images and list them at the end, run again with '
-                                 '--skip-unreadable')
+                                 '--skip-unreadable', palette=classes.palette)
         done = len(dataset) - len(unreadable or [])
         print0(f'wrote colour predictions and overlays of {done} images to {out}')
         if dataset.skipped:
@@ -604,9 +628,9 @@ def run(args, rank=0, world=1, device=None):
 
     export_dir = os.path.join(out, EXPORT_FOLDERS[args.format]) if args.format else None
     metrics = evaluate(model, val, K, device, args.amp, pred_dir=None if args.no_preds else os.path.join(out, 'preds'),
-                       synthia16=cfg['data']['source']['type'] == 'synthia' and K == len(CLASSES),
-                       distributed=world > 1, num_workers=num_workers, export_dir=export_dir,
-                       export_format=args.format or 'trainids', need_labels=not args.format)
+                       synthia16=cfg['data']['source']['type'] == 'synthia', distributed=world > 1,
+                       num_workers=num_workers, export_dir=export_dir, export_format=args.format or 'trainids',
+                       need_labels=False if args.format else None, classes=classes)
     if 'mIoU' in metrics:
         metrics.update(checkpoint=os.path.abspath(args.ckpt), config=cfg_source, split=val['split'],
                        dataset_type=val['type'], dataset_root=os.path.abspath(val['root']))
@@ -616,6 +640,9 @@ def run(args, rank=0, world=1, device=None):
             path = os.path.join(out, 'metrics.json')
             mic_data.save_json(path, metrics)
             print(f'wrote {path}')
+    elif not mic_data.has_labels(val):
+        print0(f'{val["type"]} dataset {val["root"]} has no labels (no label_suffix): cannot compute mIoU, '
+               f'predictions only')
     else:
         print0(f'{val["type"]} {val["split"]} under {val["root"]} is not fully labelled: no metrics computed')
     if export_dir:

@@ -14,7 +14,8 @@ are imported only when used and raise MissingPackageError with the pip command w
 
 Library use (mic_train.py; files and TensorBoard on rank 0 only):
 
-    logs.update(pseudo_class_logs(plabel, valid, CLASSES))   # in Trainer.step: 'pseudo_class.<name>' shares
+    logs.update(pseudo_class_logs(plabel, valid, names))     # in Trainer.step: 'pseudo_class.<name>' shares
+                                                             # (names: mic_data.class_table(cfg.data).names)
     progress = Progress(max_iters, initial=start, enabled=is_main())   # bar on a terminal, else plain lines
     tb = TensorBoardWriter(os.path.join(work_dir, 'tensorboard'), purge_step=start)  # train.tensorboard=true
     for it in range(start, max_iters):
@@ -144,9 +145,13 @@ def _series(records, key):
 
 
 def _class_order(names):
-    """Known class names in train-id order, then the others in order of appearance."""
-    known = [c for c in mic_data.CLASSES if c in names]
-    return known + [n for n in names if n not in known]
+    """Class names in train-id order: the Cityscapes order when they are all Cityscapes classes, else
+    their order of appearance (metrics.json and log.jsonl list a task's classes in train-id order;
+    a task of its own, data.classes, may share some names with Cityscapes)."""
+    names = list(names)
+    if not set(names) <= set(mic_data.CLASSES):
+        return names
+    return [c for c in mic_data.CLASSES if c in names]
 
 
 def _unique(items):
@@ -432,7 +437,8 @@ def pseudo_class_shares(pseudo_label, valid=None, num_classes=19):
 
 def pseudo_class_logs(pseudo_label, valid=None, class_names=mic_data.CLASSES):
     """{'pseudo_class.<name>': 0-d tensor} for the training step's logs (averaged over the log
-    interval like the losses, then written to log.jsonl)."""
+    interval like the losses, then written to log.jsonl). class_names: one per class, in train-id
+    order (data.classes: mic_data.class_table(cfg.data, cfg.model.num_classes).names)."""
     shares = pseudo_class_shares(pseudo_label, valid, len(class_names))
     return {PSEUDO_CLASS_PREFIX + name: s for name, s in zip(class_names, shares.unbind())}
 

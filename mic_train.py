@@ -42,7 +42,7 @@ import mic_demo
 import mic_eval
 import mic_model
 import mic_report
-from mic_config import ConfigError, dump_yaml, exit_error, load_config, to_plain  # noqa: F401  (load_config: public API)
+from mic_config import ConfigError, dump_yaml, exit_error, load_config, stored  # noqa: F401  (load_config: public API)
 from mic_eval import is_main, print0, setup_distributed
 
 # --------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def mix_pass(t, s):
     s.plabel, s.pweight = t.pseudo_labels('teacher', s.tgt, s.valid, u.pseudo_threshold)
     # the confidence share: the weight's value wherever the margins leave it alone
     s.logs['pseudo_ratio'] = s.pweight.amax(dim=(1, 2)).mean()
-    s.logs.update(mic_report.pseudo_class_logs(s.plabel, s.valid, mic_data.CLASSES[:t.num_classes]))
+    s.logs.update(mic_report.pseudo_class_logs(s.plabel, s.valid, t.class_names))
     masks = class_mix_masks(s.gt, t.num_classes)
     mixed_img = mix(masks, s.src, s.tgt)
     mixed_lbl = mix(masks, s.gt, s.plabel[:, None])
@@ -494,6 +494,7 @@ class Trainer:
         student = mic_model.build_model(cfg.model, load_pretrained=load_pretrained and not random_init)
         self.modules = {'student': student.to(device)}
         self.num_classes = cfg.model.num_classes
+        self.class_names = mic_data.class_table(cfg.data, self.num_classes).names
         self.ema = {}
         if 'mix' in names:
             self.modules['teacher'] = self._frozen_copy()
@@ -732,14 +733,14 @@ def check_work_dir(cfg, resume):
         old = mic_model.read_checkpoint(ckpt, mmap=True)
     except mic_model.CheckpointError as e:
         raise ConfigError(f'{e}\n{ckpt} is in the run folder: delete it or choose another train.work_dir') from None
-    if old.get('config') == to_plain(cfg) and old.get('iteration', 0) >= cfg.train.max_iters:
+    if old.get('config') == stored(cfg) and old.get('iteration', 0) >= cfg.train.max_iters:
         return True
     new_folder = 'set train.work_dir to a new folder (--opt train.work_dir=work_dirs/NEW)'
     old_model = old.get('config', {}).get('model')
     if old_model is not None and architecture(old_model) != architecture(cfg.model):
         raise ConfigError(f'{cfg.train.work_dir} already holds a run of another model ({ckpt}, iteration '
                           f'{old.get("iteration")}, model {architecture(old_model)}): {new_folder}')
-    what = 'the same config, stopped at iteration' if old.get('config') == to_plain(cfg) else \
+    what = 'the same config, stopped at iteration' if old.get('config') == stored(cfg) else \
         'a run of another config, at iteration'
     raise ConfigError(f'{cfg.train.work_dir} already holds {what} {old.get("iteration")} ({ckpt}). '
                       f'Pass --resume to continue it, or {new_folder}.')
@@ -755,16 +756,17 @@ def memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (Linux: KiB)
 
 
-def save_debug_grid(debug, path, mean, std, max_width=1536):
+def save_debug_grid(debug, path, mean, std, max_width=1536, palette=None):
     """One row per sample, titled columns: source image and label, target image, pseudo-label, mixed
-    image and label, the student's prediction on it, masked image, the prediction on that."""
+    image and label, the student's prediction on it, masked image, the prediction on that. Labels in
+    `palette` (the colours of data.classes; default Cityscapes')."""
     from PIL import Image, ImageDraw
 
     def image(x):
         return ((x.float() * std[0] + mean[0]).clamp(0, 255)).byte().permute(1, 2, 0).cpu().numpy()
 
     def label(x):
-        return mic_data.colorize(x.reshape(x.shape[-2:]).cpu().numpy().astype(np.uint8))
+        return mic_data.colorize(x.reshape(x.shape[-2:]).cpu().numpy().astype(np.uint8), palette)
 
     def pred(logits, size):
         return label(F.interpolate(logits[None].float(), size=size)[0].argmax(0))
@@ -819,8 +821,8 @@ class RunLog:
     """What rank 0 writes while training: log.jsonl, TensorBoard (train.tensorboard), report.png,
     the progress lines and the debug grids. Other ranks get an object that does nothing."""
 
-    def __init__(self, cfg, start, enabled):
-        self.cfg, self.enabled = cfg, enabled
+    def __init__(self, cfg, start, enabled, palette=None):
+        self.cfg, self.enabled, self.palette = cfg, enabled, palette
         self.work_dir = cfg.train.work_dir
         self.path = os.path.join(self.work_dir, 'log.jsonl')
         self.progress = mic_report.Progress(cfg.train.max_iters, initial=start, enabled=enabled)
@@ -852,7 +854,7 @@ class RunLog:
             return
         path = os.path.join(self.work_dir, 'debug', f'{iteration:06d}.png')
         mic_data.make_dirs(os.path.dirname(path))
-        save_debug_grid(trainer.debug, path, trainer.mean, trainer.std)
+        save_debug_grid(trainer.debug, path, trainer.mean, trainer.std, palette=self.palette)
         if self.tb is not None:
             self.tb.add_image('debug', path, iteration)
 
@@ -891,7 +893,8 @@ def _train(cfg, resume, command, rank, world, device):
                    'Delete the folder or set train.work_dir to train again.')
             with open(path) as f:
                 metrics = json.load(f)
-            print0(f'target mIoU: {metrics["mIoU"]:.2f}')
+            if metrics.get('mIoU') is not None:  # (a data.val without labels gives predictions only)
+                print0(f'target mIoU: {metrics["mIoU"]:.2f}')
             return metrics
         # trained to the end, but stopped before the final evaluation wrote metrics.json
         print0(f'{work_dir} holds this config\'s fully trained run without metrics.json; evaluating it')
@@ -925,6 +928,7 @@ def _train(cfg, resume, command, rank, world, device):
         if start < max_iters else None
 
     best = ckpt['meta'].get('best_mIoU') if ckpt else None
+    classes = mic_data.class_table(cfg.data, cfg.model.num_classes)  # names and colours of data.classes
     if is_main():
         mic_data.make_dirs(work_dir)
         mic_data.check_writable(work_dir)
@@ -932,7 +936,7 @@ def _train(cfg, resume, command, rank, world, device):
         append_command(os.path.join(work_dir, 'command.txt'), command, world)
     if ckpt_path:
         print0(f'resumed {ckpt_path} at iteration {start}')
-    run_log = RunLog(cfg, start, enabled=is_main())
+    run_log = RunLog(cfg, start, enabled=is_main(), palette=classes.palette)
     nonfinite = NonFiniteWatch(device)
 
     def save(iteration):
@@ -940,7 +944,7 @@ def _train(cfg, resume, command, rank, world, device):
         states = gather_rng_states()
         if is_main():
             checkpoint = {**trainer.state_dict(), 'iteration': iteration, 'rng': states,
-                          'sampler': {'next_index': iteration * cfg.data.batch_size}, 'config': to_plain(cfg),
+                          'sampler': {'next_index': iteration * cfg.data.batch_size}, 'config': stored(cfg),
                           'meta': {'command': command, 'git_commit': git_commit(), 'best_mIoU': best,
                                    'time': datetime.datetime.now().isoformat(timespec='seconds'),
                                    'torch': str(torch.__version__), 'world_size': world}}
@@ -948,10 +952,16 @@ def _train(cfg, resume, command, rank, world, device):
 
     def evaluate(iteration, pred_dir=None):
         nonlocal best
+        labelled = mic_data.has_labels(cfg.data.val)
+        if not labelled and iteration < max_iters:
+            return None  # without labels data.val only gets the final predictions
         metrics = mic_eval.evaluate(trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
                                     device=device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
                                     synthia16=cfg.data.source.type == 'synthia',
-                                    num_workers=cfg.data.num_workers)
+                                    num_workers=cfg.data.num_workers, classes=classes)
+        if 'mIoU' not in metrics and not labelled:
+            print0(f'data.val ({cfg.data.val.root}) has no labels: cannot compute mIoU, predictions only')
+            return {'mIoU': None, **metrics}
         if 'mIoU' not in metrics:
             raise mic_data.DataError(f'data.val ({cfg.data.val.root}, split {cfg.data.val.split}) is not fully '
                                      'labelled: training evaluates on a labelled split; point data.val at one')
@@ -1009,8 +1019,11 @@ def _train(cfg, resume, command, rank, world, device):
     if is_main():
         final = {**metrics, 'checkpoint': os.path.join(work_dir, 'latest.pth')}
         mic_data.save_json(os.path.join(work_dir, 'metrics.json'), final)
-        print0(f'target mIoU after {max_iters} iterations: {metrics["mIoU"]:.2f} '
-               f'(per class: {work_dir}/metrics.json, predictions: {work_dir}/preds)')
+        if metrics['mIoU'] is None:
+            print0(f'trained {max_iters} iterations; no mIoU without labels: predictions in {work_dir}/preds')
+        else:
+            print0(f'target mIoU after {max_iters} iterations: {metrics["mIoU"]:.2f} '
+                   f'(per class: {work_dir}/metrics.json, predictions: {work_dir}/preds)')
     return metrics
 
 
@@ -1190,7 +1203,7 @@ def interrupted_run(cfg):
     if not os.path.isfile(ckpt):
         return None
     old = mic_model.read_checkpoint(ckpt, mmap=True)
-    same = old.get('config') == to_plain(cfg) and old.get('iteration', 0) < cfg.train.max_iters
+    same = old.get('config') == stored(cfg) and old.get('iteration', 0) < cfg.train.max_iters
     return 'auto' if same else None
 
 

@@ -206,7 +206,7 @@ def test_images_cli_16bit_and_other_files(tmp_path, ckpt):
     result, stdout, _ = run_cli(mic_eval.main, ['--ckpt', ckpt, '--images', folder, '--out', tmp_path / 'out'],
                                 expect_error=False)
     assert result is None
-    assert (f'skipping 1 file(s) under {folder} that are not images (.png, .jpg, .jpeg, .bmp): notes.txt'
+    assert (f'skipping 1 file(s) under {folder} that are not images (.png, .jpg, .jpeg, .bmp, .tif, .tiff): notes.txt'
             in stdout.splitlines())
     assert 'skipped 1 file(s) that are not images (listed above)' in stdout
     assert sorted(os.listdir(tmp_path / 'out')) == ['g16_overlay.png', 'g16_pred.png']
@@ -220,7 +220,7 @@ def test_images_cli_folder_without_images(tmp_path, ckpt):
     os.makedirs(tmp_path / 'docs')
     (tmp_path / 'docs' / 'a.txt').write_text('x')
     err, _, _ = run_cli(mic_eval.main, ['--ckpt', ckpt, '--images', tmp_path / 'docs', '--out', tmp_path / 'o'])
-    assert err == (f'error: no images (.png, .jpg, .jpeg, .bmp) under {tmp_path}/docs '
+    assert err == (f'error: no images (.png, .jpg, .jpeg, .bmp, .tif, .tiff) under {tmp_path}/docs '
                    f'(it holds 1 other file(s), e.g. {tmp_path}/docs/a.txt)')
 
 
