@@ -317,11 +317,14 @@ def compare_iteration(ref_root, variant, crop, hr_crop):
                         {n: ref_params[n].detach() - before[n] for n, _ in s_ours.named_parameters()},
                         grads_theirs)
         # Adam moves an entry whose gradient is rounding noise by +-lr either way (see compare_updates):
-        # iteration 2 starts both sides from the original's weights again, so that its gradients are
-        # compared at the same point (the teachers then hold EMAs of two different students).
+        # iteration 2 starts both sides from the original's weights and AdamW moments again, so that
+        # it is compared at the same point (the teachers then hold EMAs of two different students).
         with torch.no_grad():
             for n, p in s_ours.named_parameters():
                 p.copy_(ref_params[n])
+                state = optimizer.state.get(ref_params[n])  # and AdamW's moments: the same point in all
+                if state:
+                    ours.optimizers['student'].state[p] = {k: v.clone() for k, v in state.items()}
         teacher_ref = dict(theirs.get_ema_model().named_parameters())
         report('EMA teacher parameters', torch.cat([p.flatten() for p in ours.modules['teacher'].parameters()]),
                torch.cat([teacher_ref[n].detach().flatten() for n, _ in ours.modules['teacher'].named_parameters()]))
