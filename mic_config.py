@@ -1058,8 +1058,9 @@ def load_experiments(path=None):
     out = {}
     for exp_id, exp in table.items():
         where = f'{path}: experiment {exp_id}'
-        if not isinstance(exp_id, int) or isinstance(exp_id, bool):
-            raise _experiment_error(where, 'experiment ids are integers')
+        if isinstance(exp_id, bool) or not (isinstance(exp_id, int) or isinstance(exp_id, str)
+                                             and _RUN_NAME.fullmatch(exp_id) and not exp_id.isdigit()):
+            raise _experiment_error(where, "experiment ids are the paper's numbers or names such as 'demo'")
         _check_keys(exp, _EXPERIMENT_KEYS, where)
         seeds = exp.get('seeds')
         if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
@@ -1096,13 +1097,22 @@ def load_experiments(path=None):
     return out
 
 
+def experiment_key(exp_id):
+    """The table's key of an experiment id as typed: 81 and '81' -> 81, 'demo' -> 'demo'."""
+    text = str(exp_id)
+    return int(text) if text.isdigit() else text
+
+
+def experiment_folder(exp_id):
+    """Where the runs of an experiment go below the work root: exp81 for the paper's, demo for 'demo'."""
+    key = experiment_key(exp_id)
+    return f'exp{key}' if isinstance(key, int) else key
+
+
 def experiment(exp_id, path=None):
-    """One experiment of load_experiments; exp_id: an int or its text ('81')."""
+    """One experiment of load_experiments; exp_id: an int, its text ('81') or a name ('demo')."""
     table = load_experiments(path)
-    try:
-        key = int(exp_id)
-    except (TypeError, ValueError):
-        key = None
+    key = experiment_key(exp_id)
     if key not in table:
         raise ConfigError(f'unknown experiment {exp_id!r}; the experiments are {", ".join(map(str, table))}')
     return table[key]
@@ -1118,7 +1128,7 @@ def experiment_runs(exp_id, path=None, work_root='work_dirs'):
         for seed in exp['seeds']:
             name = f"{run['name']}_s{seed}"
             out.append((name, run['cfg'], [*run['opt'], f'train.seed={seed}',
-                                            f'train.work_dir={work_root}/exp{int(exp_id)}/{name}']))
+                                            f'train.work_dir={work_root}/{experiment_folder(exp_id)}/{name}']))
     return out
 
 

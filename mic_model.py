@@ -358,6 +358,18 @@ def resize(x, size=None, scale_factor=None):
     return F.interpolate(x, size=size, scale_factor=scale_factor, mode='bilinear', align_corners=False)
 
 
+def decoder_layout(x):
+    """x in the memory layout the decoders' convolutions are fastest with on its device.
+
+    The encoder keeps its maps channels-last (the token order). On the CPU, oneDNN's dilated
+    depthwise 3x3 convolutions of the ASPP and the 3x3 bottleneck are several times slower on
+    channels-last input than on contiguous NCHW (the DAFormer head's forward + backward: 23 s
+    vs 9 s for MiT-b0 maps of two 512x512 crops, BENCHMARKS.md section 8), so the CPU gets NCHW;
+    on other devices the maps stay as they are (no GPU measurement yet says otherwise).
+    """
+    return x.contiguous() if x.device.type == 'cpu' else x
+
+
 class ConvBNReLU(nn.Module):
     """conv (no bias) + BatchNorm + ReLU, named like mmcv's ConvModule (.conv, .bn)."""
 
@@ -403,8 +415,8 @@ class TokenEmbed(nn.Module):
         super().__init__()
         self.proj = nn.Linear(cin, embed_dim)
 
-    def forward(self, x):
-        return tokens_to_map(self.proj(map_to_tokens(x)), *x.shape[2:])
+    def forward(self, x):  # in the decoders' layout already, so that their concatenation needs no copy
+        return decoder_layout(tokens_to_map(self.proj(map_to_tokens(x)), *x.shape[2:]))
 
 
 class DAFormerHead(nn.Module):
@@ -434,8 +446,8 @@ class DAFormerHead(nn.Module):
     def forward(self, feats):
         size = feats[0].shape[2:]
         x = [self.embed_layers[str(i)](f) for i, f in enumerate(feats)]
-        x = [e if e.shape[2:] == size else resize(e, size) for e in x]
-        return self.conv_seg(self.dropout(self.fuse_layer(torch.cat(x, dim=1))))
+        x = torch.cat([e if e.shape[2:] == size else resize(e, size) for e in x], dim=1)  # frees the parts
+        return self.conv_seg(self.dropout(self.fuse_layer(x)))
 
 
 class SegFormerHead(nn.Module):
@@ -453,8 +465,8 @@ class SegFormerHead(nn.Module):
     def forward(self, feats):
         size = feats[0].shape[2:]
         x = [self.linear_c[str(i)](f) for i, f in enumerate(feats)]
-        x = [e if e.shape[2:] == size else resize(e, size) for e in x]
-        return self.linear_pred(self.dropout(self.linear_fuse(torch.cat(x, dim=1))))
+        x = torch.cat([e if e.shape[2:] == size else resize(e, size) for e in x], dim=1)  # frees the parts
+        return self.linear_pred(self.dropout(self.linear_fuse(x)))
 
 
 class ClassifierConv(nn.Module):
@@ -725,6 +737,7 @@ class HRDAEncoderDecoder(EncoderDecoder):
             img = F.pad(img, (0, pad_w, 0, pad_h))
         feats, context = self.context_logits(img)
         att = self.decode_head.attention(feats)
+        del feats  # not needed by the detail pass, the peak of memory
         if self.hr_slide_inference:
             detail = self.detail_logits_slide(img)
         else:

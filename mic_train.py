@@ -1134,8 +1134,8 @@ def main(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n')[1])
     parser.add_argument('--cfg', help='YAML config, e.g. configs/gta2cs.yaml (only what differs '
                         'from the defaults in mic_config.py)')
-    parser.add_argument('--exp', metavar='ID', help='train every run of one of the paper\'s experiments (80-85, '
-                        'configs/experiments.yaml) in turn, each in its own run folder; finished runs are reported')
+    parser.add_argument('--exp', metavar='ID', help='train every run of one of the paper\'s experiments (80-85) or of '
+                        'the demo study (demo), as listed in configs/experiments.yaml, in turn, each in its own run folder; finished runs are reported')
     parser.add_argument('--list', action='store_true', help='with --exp: print one command per run instead')
     parser.add_argument('--opt', nargs='+', default=[], metavar='KEY=VALUE',
                         help='config overrides, e.g. train.max_iters=1000 model.pretrained=null data.batch_size=1')
@@ -1170,7 +1170,7 @@ def main(argv=None):
 
 
 def run_experiment(args, argv):
-    """--exp ID: the runs of a paper experiment one after the other (--list: their commands)."""
+    """--exp ID: the runs of an experiment one after the other (--list: their commands)."""
     import mic_config
     try:
         runs = mic_config.experiment_runs(args.exp)

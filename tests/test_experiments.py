@@ -1,4 +1,4 @@
-"""configs/experiments.yaml: the paper's experiments (the original's IDs 80-85) as runs.
+"""configs/experiments.yaml: the paper's experiments (the original's IDs 80-85) and the demo study as runs.
 
 The counts and settings below were checked by hand against the original's seg/experiments.py;
 benchmarks/experiments_vs_original.py compares every run with the original's generated configs.
@@ -19,7 +19,7 @@ def resolved(exp_id):
 
 
 def test_run_counts_and_seeds_match_the_original():
-    assert {i: len(experiment_runs(i)) for i in load_experiments()} == COUNTS
+    assert {i: len(experiment_runs(i)) for i in load_experiments() if isinstance(i, int)} == COUNTS
     for exp_id in COUNTS:  # every run with seeds 0, 1, 2, seeds inner as in the original
         seeds = [load_config(cfg, opts).train.seed for _, cfg, opts in experiment_runs(exp_id)]
         assert seeds == [0, 1, 2] * (COUNTS[exp_id] // 3)
@@ -137,6 +137,8 @@ def test_experiment_errors_name_the_problem(tmp_path):
         ('1: {seeds: [0], runs: [{name: a, cfg: configs/a.yaml, opts: []}]}', "unknown key 'opts'"),
         ('1: {seeds: [], runs: [{name: a, cfg: configs/a.yaml}]}', "'seeds' must be"),
         ('1: {seeds: [0], cfg: configs/a.yaml, name: "r{x}", grid: {uda.mask_ratio: [0.5]}}', "'x'"),
+        ('"7": {seeds: [0], runs: [{name: a, cfg: configs/a.yaml}]}', "the paper's numbers or names"),
+        ('a b: {seeds: [0], runs: [{name: a, cfg: configs/a.yaml}]}', "the paper's numbers or names"),
     ]
     for text, message in cases:
         table.write_text(text + '\n')
@@ -148,3 +150,28 @@ def test_experiment_errors_name_the_problem(tmp_path):
         ('r0.5_s4', ['uda.mask_ratio=0.5', 'train.seed=4', 'train.work_dir=out/exp1/r0.5_s4']),
         ('r1_s4', ['uda.mask_ratio=1', 'train.seed=4', 'train.work_dir=out/exp1/r1_s4'])]
     assert load_config(runs[0][1], runs[0][2]).train.max_iters == 3
+
+
+def _flat(tree, prefix=''):
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def test_demo_study_runs_differ_only_in_the_method_switches():
+    runs = experiment_runs('demo')
+    assert [n for n, _, _ in runs[::3]] == ['demo_source_only_s0', 'demo_dacs_s0', 'demo_hrda_dacs_s0', 'demo_hrda_mic_s0']
+    assert {cfg for _, cfg, _ in runs} == {runs[0][1]} and runs[0][1].endswith('configs/demo.yaml')
+    base = _flat(load_config(runs[0][1]))
+    switches = {'uda.mode', 'uda.mask_mode', 'model.type', 'train.seed', 'train.work_dir'}
+    methods = set()
+    for name, cfg, opts in runs:
+        c = _flat(load_config(cfg, opts))
+        changed = {k for k in base if base[k] != c[k]}
+        assert changed <= switches, name
+        assert c['train.work_dir'] == f'work_dirs/demo/{name}'
+        methods.add((c['uda.mode'], c['model.type'], c['uda.mask_mode']))
+    assert methods == {('source_only', 'hrda', None), ('dacs', 'encoder_decoder', None), ('dacs', 'hrda', None),
+                       ('dacs', 'hrda', 'separatetrgaug')}
+    assert experiment(81) == experiment('81')  # ids as typed on the command line

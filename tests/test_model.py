@@ -347,6 +347,26 @@ def test_set_dropout_keeps_batchnorm_in_train_mode():
     assert model.decode_head.head.fuse_layer.bottleneck.bn.training
 
 
+def test_decoder_convolutions_get_nchw_maps_on_the_cpu():
+    """The encoder's maps are channels-last; the decoders' convolutions run several times faster on
+    contiguous NCHW on the CPU (BENCHMARKS.md section 8), and the values are the same either way."""
+    model = build_model(tiny_cfg()).eval()
+    seen = []
+    for m in model.decode_head.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.groups > 1:  # ASPP depthwise
+            m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+    img = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model.encode_decode(img)
+        assert seen and all(seen)
+        layout = mic_model.decoder_layout
+        try:  # the channels-last maps as they come from the encoder: same logits
+            mic_model.decoder_layout = lambda x: x
+            torch.testing.assert_close(model.encode_decode(img), out, atol=1e-5, rtol=1e-5)
+        finally:
+            mic_model.decoder_layout = layout
+
+
 # --------------------------------------------------------------------------
 # Building from configs and loading checkpoints
 # --------------------------------------------------------------------------

@@ -187,6 +187,7 @@ def _ddp_worker(rank, store, out):
         dist.all_gather(both, flat)
         if rank == 0:
             torch.save({'same': torch.equal(both[0], both[1]), 'params': flat}, out)
+        dist.barrier()  # neither rank tears the group down while the other is still in the all-gather
     finally:
         dist.destroy_process_group()
 
