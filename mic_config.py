@@ -903,22 +903,28 @@ def merge(cfg, *updates):
     return to_attrdict(out, Config)
 
 
+def read_yaml(path, what, missing_hint=''):
+    """The YAML document at `path` ({} when empty); ConfigError '<what> does not exist<hint>' or
+    '<what> is not valid YAML: ...' otherwise."""
+    import yaml
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f'{what} does not exist{missing_hint}') from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f'{what} is not valid YAML: {e}') from None
+
+
 def load_config(path=None, overrides=()):
     """The validated config: defaults, then the YAML file at `path`, then `overrides`.
 
     overrides: strings 'key.sub=value' (YAML values) applied in order.
     Returns an AttrDict tree: cfg['model'] == cfg.model is what build_model takes.
     """
-    import yaml
     cfg = _schema_defaults()
     if path is not None:
-        try:
-            with open(path) as f:
-                update = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f'config file {path} does not exist (the shipped ones are in configs/)') from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f'config file {path} is not valid YAML: {e}') from None
+        update = read_yaml(path, f'config file {path}', ' (the shipped ones are in configs/)')
         if not isinstance(update, dict):
             raise ConfigError(f'config file {path} must hold a mapping of sections, got {type(update).__name__}')
         cfg = _merge_section(Config, cfg, update, '')
@@ -1043,15 +1049,8 @@ def load_experiments(path=None):
     above configs/). Raises ConfigError naming the experiment and the key.
     """
     import os
-    import yaml
     path = path or default_experiments_path()
-    try:
-        with open(path) as f:
-            table = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f'experiment table {path} does not exist') from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f'experiment table {path} is not valid YAML: {e}') from None
+    table = read_yaml(path, f'experiment table {path}')
     if not isinstance(table, dict):
         raise ConfigError(f'experiment table {path} must map experiment ids to experiments')
     root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
