@@ -19,6 +19,8 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from conftest import _save  # the tests' PNG writer
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 FIXTURE = os.path.join(TESTS, 'fixtures', 'cityscapes_pins')
@@ -36,12 +38,6 @@ def _sha(*arrays):
     return h.hexdigest()
 
 
-def _save(path, array, mode=None, palette=None):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    img = Image.fromarray(np.ascontiguousarray(array), mode=mode)
-    if palette is not None:
-        img.putpalette(palette)
-    img.save(path)
 
 
 def config_dumps():
