@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import mic_data  # noqa: E402
 from mic_data import colorize, save_png  # noqa: E402
 
-METHODS = (('demo_source_only', 'source only'), ('demo_dacs', 'DACS'), ('demo_hrda_dacs', 'HRDA + DACS'),
-           ('demo_hrda_mic', 'MIC(HRDA)'))
+METHODS = (('demo_source_only', 'source only'), ('demo_daformer', 'DAFormer (DACS, half res.)'),
+           ('demo_hrda_dacs', 'HRDA + DACS'), ('demo_hrda_mic', 'MIC(HRDA)'))
 
 
 def val_pairs(root):

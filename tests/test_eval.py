@@ -537,3 +537,35 @@ def test_bad_input(setup, argv, message):
 def test_help_runs():
     out = subprocess.run([sys.executable, 'mic_eval.py', '--help'], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and '--format {trainids,labelids}' in out.stdout and 'torchrun' in out.stdout
+
+
+def test_demo_masked_eval_scores_the_masked_images_and_the_hidden_pixels(tmp_path, controlled):
+    """benchmarks/demo_masked_eval.py: a model that reads the class off each pixel predicts the visible
+    pixels right and, where MIC's mask zeroes the normalised image, the class encoded by the mean colour."""
+    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+    import demo_masked_eval
+    rng = np.random.default_rng(0)
+    labels = [rng.integers(0, 6, (H, W)), rng.integers(0, 6, (H, W))]
+    write_cityscapes(tmp_path / 'cs', 'val', [(label, label) for label in labels])
+    cfg = tiny_config(tmp_path / 'cs')
+    cfg['data']['target'].update(root=str(tmp_path / 'cs'), split='val', img_scale=[W, H])
+    save_ours(tmp_path / 'latest.pth', cfg)
+    assert demo_masked_eval.teacher_miou(str(tmp_path / 'latest.pth')) == pytest.approx(100.0)
+    plain, masked, hidden = demo_masked_eval.masked_miou(str(tmp_path / 'latest.pth'), 0.5, 8, mask_seed=3)
+    # the same masks, drawn in the same order
+    generator = torch.Generator().manual_seed(3)
+    keep = [drawn_block_mask(generator) for _ in labels]
+    zero_class = round(IMG_MEAN[0]) // 10  # the class a zeroed (mean-coloured) pixel encodes: 12
+    assert zero_class == 12 and 0 < np.mean(keep) < 1
+    visible = [np.sum([(k & (lab == c)).sum() for k, lab in zip(keep, labels)]) for c in range(6)]
+    total = [np.sum([(lab == c).sum() for lab in labels]) for c in range(6)]
+    # classes 0-5: no false positives, visible pixels right; class 12: false positives only (IoU 0)
+    assert plain == pytest.approx(100.0)
+    assert masked == pytest.approx(100 * sum(v / t for v, t in zip(visible, total)) / 7)
+    assert hidden == 0.0  # no pixel under the mask is predicted right
+
+
+def drawn_block_mask(generator):
+    """The next MIC block mask (ratio 0.5, 8-pixel blocks) of `generator` at the test image size, as a bool array."""
+    from mic_train import block_mask
+    return block_mask(1, H, W, 0.5, 8, generator=generator)[0, 0].bool().numpy()

@@ -161,14 +161,21 @@ def _flat(tree, prefix=''):
 
 def test_demo_study_runs_differ_only_in_the_method_switches():
     runs = experiment_runs('demo')
-    assert [n for n, _, _ in runs[::3]] == ['demo_source_only_s0', 'demo_dacs_s0', 'demo_hrda_dacs_s0', 'demo_hrda_mic_s0']
+    assert [n for n, _, _ in runs[::3]] == ['demo_source_only_s0', 'demo_daformer_s0', 'demo_hrda_dacs_s0',
+                                            'demo_hrda_mic_s0']
     assert {cfg for _, cfg, _ in runs} == {runs[0][1]} and runs[0][1].endswith('configs/demo.yaml')
     base = _flat(load_config(runs[0][1]))
     switches = {'uda.mode', 'uda.mask_mode', 'model.type', 'train.seed', 'train.work_dir'}
+    # DAFormer is compared at half the resolution of HRDA, as in HRDA's paper: scales and crop halved
+    half = {k: [v // 2 for v in base[k]] for k in ('data.source.img_scale', 'data.target.img_scale',
+                                                   'data.val.img_scale', 'data.crop_size')}
     methods = set()
     for name, cfg, opts in runs:
         c = _flat(load_config(cfg, opts))
         changed = {k for k in base if base[k] != c[k]}
+        if c['model.type'] == 'encoder_decoder':
+            assert {k: c[k] for k in half} == half, name
+            changed -= set(half)
         assert changed <= switches, name
         assert c['train.work_dir'] == f'work_dirs/demo/{name}'
         methods.add((c['uda.mode'], c['model.type'], c['uda.mask_mode']))
