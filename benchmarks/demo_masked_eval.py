@@ -9,6 +9,7 @@ pseudo-labels (before the confidence weighting) that the DACS and MIC losses lea
 
     python mic_train.py --exp demo                       # the study (BENCHMARKS.md section 3)
     python benchmarks/demo_masked_eval.py --seeds 0 1 2  # this table
+    python benchmarks/demo_masked_eval.py --runs work_dirs/demo_oracle --names demo_target_oracle  # the ceiling
 """
 import argparse
 import os
@@ -26,13 +27,24 @@ from mic_train import block_mask  # noqa: E402
 RUNS = ('demo_source_only', 'demo_daformer', 'demo_hrda_dacs', 'demo_hrda_mic')
 
 
-@torch.no_grad()
-def masked_miou(ckpt, ratio, block, mask_seed):
-    """(plain mIoU, masked-image mIoU, mIoU on the masked-out pixels only) of one run folder's student."""
+def load_run(ckpt):
+    """(resolved config, student, EMA teacher or None) of one run's checkpoint, in eval mode."""
     cfg, _ = resolve_config(ckpt)
-    model = mic_model.build_model(cfg['model'], load_pretrained=False)
-    mic_model.load_checkpoint(model, ckpt)
-    model.eval()
+    student = mic_model.build_model(cfg['model'], load_pretrained=False)
+    mic_model.load_checkpoint(student, ckpt)
+    stored = mic_model.read_checkpoint(ckpt)
+    weights = stored.get('modules', stored).get('teacher')  # older checkpoints keep it at the top level
+    teacher = None
+    if weights is not None:
+        teacher = mic_model.build_model(cfg['model'], load_pretrained=False)
+        teacher.load_state_dict(weights)
+        teacher.eval()
+    return cfg, student.eval(), teacher
+
+
+@torch.no_grad()
+def masked_miou(cfg, model, ratio, block, mask_seed):
+    """(plain mIoU, masked-image mIoU, mIoU on the masked-out pixels only) of `model` on cfg's val split."""
     K = cfg['model']['num_classes']
     dataset = mic_data.EvalDataset(cfg['data']['val'], classes=mic_data.class_table(cfg['data'], K))
     generator = torch.Generator().manual_seed(mask_seed)
@@ -53,44 +65,37 @@ def masked_miou(ckpt, ratio, block, mask_seed):
     return tuple(compute_metrics(conf[name].view(K, K))['mIoU'] for name in ('plain', 'masked', 'hidden'))
 
 
-def teacher_miou(ckpt):
-    """mIoU of a run's EMA teacher on the (labelled) target train split; None without a teacher."""
-    cfg, _ = resolve_config(ckpt)
-    stored = mic_model.read_checkpoint(ckpt)
-    teacher = stored.get('modules', stored).get('teacher')  # older checkpoints keep it at the top level
-    if teacher is None:
-        return None
-    model = mic_model.build_model(cfg['model'], load_pretrained=False)
-    model.load_state_dict(teacher)
+def teacher_miou(cfg, teacher):
+    """mIoU of the EMA teacher on cfg's (labelled) target train split: the pseudo-labels' quality."""
     K = cfg['model']['num_classes']
     # the target as the teacher sees it in training (scale), scored against its labels
     target = dict(cfg['data']['target'], crop_pseudo_margins=None)
-    return evaluate(model, target, K, num_workers=0, progress=False,
+    return evaluate(teacher, target, K, num_workers=0, progress=False,
                     classes=mic_data.class_table(cfg['data'], K))['mIoU']
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--runs', default='work_dirs/demo', help="folder of the study's run folders")
+    parser.add_argument('--names', nargs='+', default=list(RUNS), help='run names (folders <name>_s<seed>)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--ratio', type=float, default=0.7, help="share of masked blocks (the demo's MIC: 0.7)")
     parser.add_argument('--block', type=int, default=16, help="block size in label pixels (the demo's MIC: 16)")
     parser.add_argument('--mask-seed', type=int, default=0)
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
     print(f'target val mIoU (%), mask ratio {args.ratio}, {args.block}-pixel blocks, mean +- std over seeds '
           f'{args.seeds}')
     print('| run | plain image | masked image | masked-out pixels only | teacher on the target train split |')
     print('|---|---|---|---|---|')
-    for run in RUNS:
+    for run in args.names:
         rows = []
         for seed in args.seeds:
             ckpt = os.path.join(args.runs, f'{run}_s{seed}', 'latest.pth')
             if not os.path.isfile(ckpt):
                 sys.exit(f'error: {ckpt} does not exist: train the study first (python mic_train.py --exp demo)')
-            teacher = teacher_miou(ckpt)
-            rows.append(masked_miou(ckpt, args.ratio, args.block, args.mask_seed)
-                        + (np.nan if teacher is None else teacher,))
+            cfg, student, teacher = load_run(ckpt)
+            rows.append(masked_miou(cfg, student, args.ratio, args.block, args.mask_seed)
+                        + (np.nan if teacher is None else teacher_miou(cfg, teacher),))
         values = np.array(rows)
         spread = values.std(0, ddof=1) if len(rows) > 1 else np.zeros(values.shape[1])
         cells = ['-' if np.isnan(m) else f'{m:.1f} +- {s:.1f}' for m, s in zip(values.mean(0), spread)]

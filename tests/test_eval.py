@@ -19,6 +19,7 @@ import mic_eval
 import mic_model
 from mic_config import defaults, merge, to_plain
 from mic_data import CLASSES, IMG_MEAN, IMG_STD, PALETTE, SYNTHIA_CLASSES, TRAIN_ID_TO_CS_ID
+from mic_train import block_mask
 
 torch.set_num_threads(2)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -550,8 +551,9 @@ def test_demo_masked_eval_scores_the_masked_images_and_the_hidden_pixels(tmp_pat
     cfg = tiny_config(tmp_path / 'cs')
     cfg['data']['target'].update(root=str(tmp_path / 'cs'), split='val', img_scale=[W, H])
     save_ours(tmp_path / 'latest.pth', cfg)
-    assert demo_masked_eval.teacher_miou(str(tmp_path / 'latest.pth')) == pytest.approx(100.0)
-    plain, masked, hidden = demo_masked_eval.masked_miou(str(tmp_path / 'latest.pth'), 0.5, 8, mask_seed=3)
+    cfg, student, teacher = demo_masked_eval.load_run(str(tmp_path / 'latest.pth'))
+    assert demo_masked_eval.teacher_miou(cfg, teacher) == pytest.approx(100.0)
+    plain, masked, hidden = demo_masked_eval.masked_miou(cfg, student, 0.5, 8, mask_seed=3)
     # the same masks, drawn in the same order
     generator = torch.Generator().manual_seed(3)
     keep = [drawn_block_mask(generator) for _ in labels]
@@ -567,5 +569,4 @@ def test_demo_masked_eval_scores_the_masked_images_and_the_hidden_pixels(tmp_pat
 
 def drawn_block_mask(generator):
     """The next MIC block mask (ratio 0.5, 8-pixel blocks) of `generator` at the test image size, as a bool array."""
-    from mic_train import block_mask
     return block_mask(1, H, W, 0.5, 8, generator=generator)[0, 0].bool().numpy()
