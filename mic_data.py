@@ -17,20 +17,13 @@ Every random choice of training sample k comes from np.random.default_rng([seed,
 samples do not depend on the number of loader workers, and a run resumed at iteration i sees the
 same samples as an uninterrupted one (build_train_loader(..., start_iter=i)).
 
-Faults: a DataError raised in a loader worker reaches the caller with its own one-line message
-(DataError recovers it from torch's worker traceback); files are written with atomic_write, which
-raises OutputError (a DataError) naming the folder and the cause (read-only, disk full, permission,
-missing folder) and keeps an existing file intact; make_dirs / check_writable do the same for
-output folders. limit_threads() caps a process's torch threads at its CPU cores (loader workers
-use one thread each).
+Faults: a DataError (mic_runtime) raised in a loader worker reaches the caller with its own
+one-line message; images and JSON files are written with mic_runtime.atomic_write.
 """
 import argparse
 import dataclasses
-import errno
 import json
 import os
-import re
-import secrets
 import warnings
 
 import numpy as np
@@ -38,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mic_config import (CITYSCAPES_CLASSES, ConfigError, DatasetConfig, exit_error, resolve_classes, resolve_section,
-                        validated)
+from mic_config import CITYSCAPES_CLASSES, ConfigError, DatasetConfig, resolve_classes, resolve_section, validated
+from mic_runtime import DataError, OutputError, atomic_write, exit_error, is_temp_file, make_dirs  # noqa: F401 (re-exported)
 
 # --------------------------------------------------------------------------
 # Classes, palettes, label-id tables
@@ -67,31 +60,6 @@ CS_ID_COLOURS = {0: (0, 0, 0), 1: (0, 0, 0), 2: (0, 0, 0), 3: (0, 0, 0), 4: (0, 
                  6: (81, 0, 81), 9: (250, 170, 160), 10: (230, 150, 140), 14: (180, 165, 180),
                  15: (150, 100, 100), 16: (150, 120, 90), 18: (153, 153, 153), 29: (0, 0, 90),
                  30: (0, 0, 110), **{i: PALETTE[t] for i, t in CS_ID_TO_TRAIN_ID.items()}}
-
-
-class DataError(Exception):
-    """A data problem (missing folder, unreadable file, wrong format); the message says how to fix it.
-
-    Raised in a DataLoader worker, it reaches the main process as type(e)(text) with the text
-    'Caught DataError in DataLoader worker process 0.', the worker's traceback and its last line
-    'mic_data.DataError: <message>'. The message is recovered from that text here, so that every
-    script prints one line; the text stays in `worker_traceback`.
-    """
-
-    def __init__(self, message='', *args):
-        self.worker_traceback = None
-        if isinstance(message, str) and message.startswith(f'Caught {type(self).__name__} in DataLoader worker'):
-            # the traceback's last line is '<module>.<class name>: <message>' (the message may span lines)
-            lines = list(re.finditer(rf'^(?:[\w.]+\.)?{type(self).__name__}: ', message, re.MULTILINE))
-            if lines:
-                self.worker_traceback = message
-                message = message[lines[-1].end():].rstrip('\n')
-        super().__init__(message, *args)
-
-
-class OutputError(DataError):
-    """An output file or folder cannot be written: read-only file system, full disk, no permission,
-    impossible path. The message names the folder, the cause and what to do."""
 
 
 def id_lut(mapping, size=256):
@@ -216,134 +184,12 @@ def read_label(path, classes=None):
     return label if classes is None else classes.check_label(label, path)
 
 
-# errno -> (cause, what to do); {folder} is the output folder
-_WRITE_FAULTS = {
-    errno.EROFS: ('{folder} is on a read-only file system', 'choose a folder on a writable disk'),
-    errno.ENOSPC: ('no space is left on the disk of {folder}', 'free some space or choose a folder on another disk'),
-    errno.EDQUOT: ('the disk quota of {folder} is used up', 'free some space or choose a folder on another disk'),
-    errno.EFBIG: ('the file is too large for the file system of {folder}', 'choose a folder on another disk'),
-    errno.EACCES: ('permission denied in {folder}', 'choose a folder you can write to, or change its permissions'),
-    errno.EPERM: ('permission denied in {folder}', 'choose a folder you can write to, or change its permissions'),
-    errno.ENOENT: ('the folder {folder} does not exist', 'create it or choose an existing folder'),
-    errno.ENOTDIR: ('a part of {folder} is a file, not a folder', 'choose another folder'),
-    errno.EISDIR: ('a folder has the name of the file', 'remove that folder or choose another one'),
-}
-
-
-def _errno_text(e):
-    return f'[{errno.errorcode.get(e.errno, e.errno)}] {e.strerror or e}'
-
-
-def output_error(e, path, folder=None, what=None):
-    """OutputError for the OSError `e` raised while writing `path` (a file in `folder`):
-    '<what, default: cannot write PATH>: <cause naming the folder> ([ERRNO] text); <what to do>'."""
-    folder = folder or os.path.dirname(os.path.abspath(path))
-    cause, advice = _WRITE_FAULTS.get(e.errno, ('{folder}: ' + str(e.strerror or e), 'choose another folder'))
-    return OutputError(f'{what or f"cannot write {path}"}: {cause.format(folder=folder)} ({_errno_text(e)}); {advice}')
-
-
-def make_dirs(folder):
-    """os.makedirs(folder, exist_ok=True); OutputError (naming the folder and the cause) when impossible."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        parent = os.path.abspath(folder)
-        while not os.path.isdir(parent):  # the deepest folder that exists
-            parent = os.path.dirname(parent)
-        if isinstance(e, FileExistsError) or e.errno == errno.ENOTDIR:
-            cause = 'a file of that name (or of one of its parents) exists'
-        elif e.errno == errno.ENOENT:  # e.g. under /proc: the parent exists but takes no new folders
-            cause = f'{parent} does not allow new folders'
-        else:
-            cause = _WRITE_FAULTS.get(e.errno, ('{folder}: ' + str(e.strerror), ''))[0].format(folder=parent)
-        raise OutputError(f'cannot create the folder {folder}: {cause} ({_errno_text(e)}); '
-                          f'choose another output folder') from None
-
-
-def check_writable(folder):
-    """Create `folder` if needed and write (then delete) a small hidden file in it, so that a
-    read-only, full or forbidden output folder fails now with OutputError, not after hours of work."""
-    make_dirs(folder)
-    probe = os.path.join(folder, f'.write_check.{secrets.token_hex(4)}.tmp')  # a temp file (is_temp_file)
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                f.write(b'MIC write check\n')
-        finally:
-            os.unlink(probe)
-    except OSError as e:
-        raise output_error(e, probe, folder, what=f'cannot write to the folder {folder}') from None
-
-
-def atomic_write(path, write_fn, mode='wb'):
-    """Call write_fn(f) on a temporary file beside `path`, then rename it to `path`.
-
-    A crash never leaves a half-written file under the final name; leftovers are hidden files
-    named '.<name>.<random>.tmp' in the same folder. An OSError while writing (read-only file
-    system, full disk, permissions, missing folder) removes the temporary file, keeps an existing
-    `path` as it was and raises OutputError naming the folder, the cause and what to do.
-    """
-    folder = os.path.dirname(path) or '.'
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{secrets.token_hex(4)}.tmp')
-    # os.open with 0o666 (not mkstemp's 0o600) so the result gets the usual umask permissions
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-        raise output_error(e, path) from None
-    try:
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        cause = _os_error_in(e)
-        if cause is not None:
-            raise output_error(cause, path) from None
-        raise
-
-
-def _os_error_in(e):
-    """The OSError (with an errno) that `e` is or arose from: a writer may replace the OSError of
-    its file by its own error while cleaning up (torch.save: RuntimeError 'unexpected pos')."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError) and e.errno is not None:
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def remove_temp_files(folder):
-    """Delete the hidden temporary files that a killed atomic_write left in `folder`; their names."""
-    removed = []
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if is_temp_file(name):
-                os.unlink(os.path.join(folder, name))
-                removed.append(name)
-    return removed
-
-
-def is_temp_file(name):
-    """True for the leftover temporary files of an interrupted atomic_write."""
-    return name.startswith('.') and name.endswith('.tmp')
-
-
 def save_png(path, array, mode=None, palette=None, compress_level=6):
     """Write a uint8 array as PNG atomically: [H,W] (mode L or P with `palette`) or [H,W,3] RGB."""
     img = Image.fromarray(np.ascontiguousarray(array), mode=mode)
     if mode == 'P':  # Pillow writes fewer bits per index when the palette is short: always give 256 entries
         img.putpalette(palette if palette is not None else [v for i in range(256) for v in (i, i, i)])
     atomic_write(path, lambda f: img.save(f, format='PNG', compress_level=compress_level))
-
-
-def save_json(path, obj):
-    atomic_write(path, lambda f: json.dump(obj, f, indent=2), mode='w')
 
 
 # --------------------------------------------------------------------------
@@ -405,7 +251,7 @@ def _layout_help(kind, root, split):
     return _LAYOUT_HELP[kind].format(root=root.rstrip('/'), split=split)
 
 
-def _scan(folder, suffix, recursive):
+def scan_files(folder, suffix, recursive):
     """Sorted paths of the files under `folder` whose names end with `suffix` (temp files skipped)."""
     if recursive:
         out = []
@@ -446,7 +292,7 @@ def list_samples(ds_cfg, split=None, need_labels=None):
         lbl_dir = os.path.join(root, lbl_sub.format(split=split))
     if not os.path.isdir(img_dir):
         raise DataError(f'{kind} image folder {img_dir} does not exist; expected {layout}')
-    images = _scan(img_dir, img_suffix, recursive)
+    images = scan_files(img_dir, img_suffix, recursive)
     if lbl_suffix is not None and lbl_suffix.endswith(img_suffix):
         images = [p for p in images if not p.endswith(lbl_suffix)]  # labels sit beside the images
     if kind == 'folder' and lbl_dir != img_dir and _inside(lbl_dir, img_dir):
@@ -464,7 +310,7 @@ def list_samples(ds_cfg, split=None, need_labels=None):
         if need_labels:
             raise DataError(f'{kind} label folder {lbl_dir} does not exist; expected {layout}')
         return [(p, None) for p in images]
-    existing = set(_scan(lbl_dir, lbl_suffix, recursive))
+    existing = set(scan_files(lbl_dir, lbl_suffix, recursive))
     samples = [(p, label_of(p)) for p in images]
     if not need_labels:
         return [(p, lbl if lbl in existing else None) for p, lbl in samples]
@@ -836,35 +682,6 @@ def worker_init_fn(worker_id):
     oversubscribe the CPU, which the main process needs meanwhile. (torch's worker loop sets 1
     too, at present; this keeps it so whatever the version.)"""
     torch.set_num_threads(1)
-
-
-def usable_cores():
-    """The CPU cores this process may use: its affinity mask (taskset, a container's cpuset),
-    lowered to a cgroup v2 CPU quota (docker --cpus) when one is set."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    try:
-        with open('/sys/fs/cgroup/cpu.max') as f:
-            quota, period = f.read().split()[:2]
-        if quota != 'max':
-            cores = min(cores, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-def limit_threads(local_world_size=None):
-    """Cap this process's torch intra-op threads at usable_cores() divided by the processes of
-    this node (local_world_size; default: torchrun's LOCAL_WORLD_SIZE, else 1). Never raises the
-    number (OMP_NUM_THREADS=1 stays 1). Returns the number of threads now used."""
-    if local_world_size is None:
-        local_world_size = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-    limit = max(1, usable_cores() // max(1, int(local_world_size)))
-    if torch.get_num_threads() > limit:
-        torch.set_num_threads(limit)
-    return torch.get_num_threads()
 
 
 def build_train_loader(data_cfg, seed, rank=0, start_iter=0):

@@ -22,8 +22,9 @@ import time
 
 import numpy as np
 
-from mic_config import ConfigError, DemoConfig, exit_error
-from mic_data import CLASSES, CS_ID_COLOURS, CS_ID_TO_TRAIN_ID, DataError, save_json, save_png
+from mic_config import ConfigError, DemoConfig
+from mic_data import CLASSES, CS_ID_COLOURS, CS_ID_TO_TRAIN_ID, save_png
+from mic_runtime import DataError, exit_error, save_json
 
 # Both domains share one scene generator (a pinhole camera over a street: road, sidewalks,
 # facades, backdrop, trees, walls, fences, poles with signs and lights, people, riders, vehicles),

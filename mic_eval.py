@@ -51,7 +51,6 @@ the summed result. A caller that runs it on rank 0 only passes distributed=False
 """
 import argparse
 import collections
-import datetime
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,9 +62,11 @@ from tqdm import tqdm
 import mic_config
 import mic_data
 import mic_model
-from mic_config import ConfigError, exit_error
+import mic_runtime
+from mic_config import ConfigError
 from mic_data import CLASSES, IGNORE_INDEX, SYNTHIA_CLASS_NAMES, DataError
 from mic_model import CheckpointError
+from mic_runtime import exit_error, print0, setup_distributed
 
 EXPORT_FOLDERS = {'trainids': 'labelTrainIds', 'labelids': 'labelIds'}  # --format -> folder under OUT
 OVERLAY_ALPHA = 0.5  # weight of the colour prediction in --images overlays
@@ -73,46 +74,6 @@ OVERLAY_ALPHA = 0.5  # weight of the colour prediction in --images overlays
 
 class EvalError(Exception):
     """A usage error of mic_eval (wrong combination of arguments); the message says what to do."""
-
-
-# --------------------------------------------------------------------------
-# Distributed helpers (nanoGPT style; mic_train uses these too)
-# --------------------------------------------------------------------------
-
-DIST_TIMEOUT = datetime.timedelta(minutes=10)  # a collective waits this long for a rank that died, then fails
-
-
-def setup_distributed(device=None):
-    """(rank, world_size, device) from torchrun's environment variables.
-
-    Without RANK in the environment: (0, 1, device or cuda if available else cpu). Under torchrun the
-    process group is initialised (NCCL on GPUs, device from LOCAL_RANK; gloo on the CPU) unless it
-    already is. device: 'cpu', 'cuda' or None (cuda when available).
-    """
-    want = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if 'RANK' not in os.environ:
-        return 0, 1, torch.device(want)
-    local = int(os.environ.get('LOCAL_RANK', 0))
-    if str(want).startswith('cuda'):
-        torch.cuda.set_device(local)
-        dev = torch.device('cuda', local)
-        if not dist.is_initialized():
-            dist.init_process_group('nccl', device_id=dev, timeout=DIST_TIMEOUT)
-    else:
-        dev = torch.device('cpu')
-        if not dist.is_initialized():
-            dist.init_process_group('gloo', timeout=DIST_TIMEOUT)
-    return dist.get_rank(), dist.get_world_size(), dev
-
-
-def is_main():
-    """True on rank 0, or when not distributed: the process that prints and writes files."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print0(*args, **kwargs):
-    if is_main():
-        print(*args, **kwargs, flush=True)
 
 
 # --------------------------------------------------------------------------
@@ -277,7 +238,7 @@ def _check_export_folder(folder, names):
     if not os.path.isdir(folder):
         return
     expected = set(names)
-    other = sorted(n for n in os.listdir(folder) if n not in expected and not mic_data.is_temp_file(n))
+    other = sorted(n for n in os.listdir(folder) if n not in expected and not mic_runtime.is_temp_file(n))
     if other:
         raise EvalError(f'the export folder {folder} already holds {len(other)} other file(s) '
                         f'({", ".join(other[:3])}{", ..." if len(other) > 3 else ""}); benchmark servers '
@@ -377,9 +338,9 @@ def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_
         names = output_names(paths)
     for folder in (pred_dir, export_dir):
         if folder:
-            mic_data.make_dirs(folder)
+            mic_runtime.make_dirs(folder)
             if rank == 0:
-                mic_data.remove_temp_files(folder)
+                mic_runtime.remove_temp_files(folder)
     if export_dir:
         _check_export_folder(export_dir, names)
     if world > 1:
@@ -595,7 +556,7 @@ def run(args, rank=0, world=1, device=None):
     else:
         out = args.out or ckpt_dir
     if rank == 0:
-        mic_data.check_writable(out)  # a read-only or forbidden --out fails now, not after the evaluation
+        mic_runtime.check_writable(out)  # a read-only or forbidden --out fails now, not after the evaluation
 
     model = mic_model.build_model(cfg['model'], load_pretrained=False)
     mic_model.load_checkpoint(model, args.ckpt)
@@ -609,7 +570,7 @@ def run(args, rank=0, world=1, device=None):
             print0(_skipped_files_note(dataset.skipped, folder))
         stems = _images_names(folder, [s[0] for s in dataset.samples])
         for sub in sorted({os.path.dirname(os.path.join(out, stem)) for stem in stems}):
-            mic_data.make_dirs(sub)
+            mic_runtime.make_dirs(sub)
         unreadable = [] if args.skip_unreadable else None
         run_inference(model, dataset, K, device, args.amp, pred_dir=out, names=[s + '_pred.png' for s in stems],
                       overlay_names=[s + '_overlay.png' for s in stems], distributed=world > 1,
@@ -636,9 +597,9 @@ def run(args, rank=0, world=1, device=None):
                        dataset_type=val['type'], dataset_root=os.path.abspath(val['root']))
         if rank == 0:
             print(format_table(metrics))
-            mic_data.make_dirs(out)
+            mic_runtime.make_dirs(out)
             path = os.path.join(out, 'metrics.json')
-            mic_data.save_json(path, metrics)
+            mic_runtime.save_json(path, metrics)
             print(f'wrote {path}')
     elif not mic_data.has_labels(val):
         print0(f'{val["type"]} dataset {val["root"]} has no labels (no label_suffix): cannot compute mIoU, '
@@ -664,7 +625,7 @@ def main(argv=None):
     if args.summary:  # no model, no device: reads the runs' metrics.json
         import mic_report
         return mic_report.summary_main(args.summary, args.summary_json)
-    mic_data.limit_threads()
+    mic_runtime.limit_threads()
     rank, world, device = setup_distributed()
     try:
         return run(args, rank, world, device)

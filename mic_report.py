@@ -44,6 +44,7 @@ import sys
 import numpy as np
 
 import mic_data
+import mic_runtime
 
 REPORT_NAME = 'report.png'  # in the run folder
 LOG_NAME = 'log.jsonl'
@@ -340,7 +341,7 @@ def write_report(work_dir, path=None, log_path=None, dpi=100):
     if pseudo:
         records = [r for r in train if any(k.startswith(PSEUDO_CLASS_PREFIX) for k in r)]
         _draw_pseudo_classes(fig, fig.add_subplot(gs[nrow, ncol:]), records, pseudo_names, LogNorm)
-    mic_data.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=dpi))
+    mic_runtime.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=dpi))
     return panels
 
 
@@ -697,7 +698,7 @@ def summary_main(patterns, json_path=None, stream=None):
         sys.exit(2)
     print(format_summary(summary), file=stream, flush=True)
     if json_path:
-        mic_data.save_json(json_path, summary)
+        mic_runtime.save_json(json_path, summary)
         print(f'wrote {json_path}', file=stream, flush=True)
     return summary
 

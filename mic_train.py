@@ -40,10 +40,12 @@ import torch.nn.functional as F
 import mic_data
 import mic_demo
 import mic_eval
+import mic_experiments
 import mic_model
 import mic_report
-from mic_config import ConfigError, dump_yaml, exit_error, load_config, stored  # noqa: F401  (load_config: public API)
-from mic_eval import is_main, print0, setup_distributed
+import mic_runtime
+from mic_config import ConfigError, dump_yaml, load_config, stored  # noqa: F401  (load_config: public API)
+from mic_runtime import atomic_write_text, exit_error, is_main, print0, setup_distributed
 
 # --------------------------------------------------------------------------
 # Self-training helpers (public: tests and users rely on these names)
@@ -679,10 +681,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def atomic_write_text(path, text):
-    mic_data.atomic_write(path, lambda f: f.write(text), mode='w')
-
-
 def git_commit():
     try:
         return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
@@ -838,7 +836,7 @@ class RunLog:
             with open(self.path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
         except OSError as e:
-            raise mic_data.output_error(e, self.path) from None
+            raise mic_runtime.output_error(e, self.path) from None
         if self.tb is not None:
             self.tb.add_record(record)
 
@@ -853,7 +851,7 @@ class RunLog:
         if not self.enabled:
             return
         path = os.path.join(self.work_dir, 'debug', f'{iteration:06d}.png')
-        mic_data.make_dirs(os.path.dirname(path))
+        mic_runtime.make_dirs(os.path.dirname(path))
         save_debug_grid(trainer.debug, path, trainer.mean, trainer.std, palette=self.palette)
         if self.tb is not None:
             self.tb.add_image('debug', path, iteration)
@@ -901,7 +899,7 @@ def _train(cfg, resume, command, rank, world, device):
         resume = 'auto'
         ckpt_path = os.path.join(work_dir, 'latest.pth')
     if is_main():
-        removed = mic_data.remove_temp_files(work_dir)  # a checkpoint write that was killed midway
+        removed = mic_runtime.remove_temp_files(work_dir)  # a checkpoint write that was killed midway
         if removed:
             print0(f'removed {len(removed)} temporary file(s) of an interrupted write from {work_dir}')
         if cfg.data.demo.enabled:
@@ -930,8 +928,8 @@ def _train(cfg, resume, command, rank, world, device):
     best = ckpt['meta'].get('best_mIoU') if ckpt else None
     classes = mic_data.class_table(cfg.data, cfg.model.num_classes)  # names and colours of data.classes
     if is_main():
-        mic_data.make_dirs(work_dir)
-        mic_data.check_writable(work_dir)
+        mic_runtime.make_dirs(work_dir)
+        mic_runtime.check_writable(work_dir)
         atomic_write_text(os.path.join(work_dir, 'config.yaml'), dump_yaml(cfg))
         append_command(os.path.join(work_dir, 'command.txt'), command, world)
     if ckpt_path:
@@ -948,7 +946,7 @@ def _train(cfg, resume, command, rank, world, device):
                           'meta': {'command': command, 'git_commit': git_commit(), 'best_mIoU': best,
                                    'time': datetime.datetime.now().isoformat(timespec='seconds'),
                                    'torch': str(torch.__version__), 'world_size': world}}
-            mic_data.atomic_write(os.path.join(work_dir, 'latest.pth'), lambda f: torch.save(checkpoint, f))
+            mic_runtime.atomic_write(os.path.join(work_dir, 'latest.pth'), lambda f: torch.save(checkpoint, f))
 
     def evaluate(iteration, pred_dir=None):
         nonlocal best
@@ -1018,7 +1016,7 @@ def _train(cfg, resume, command, rank, world, device):
         run_log.close()
     if is_main():
         final = {**metrics, 'checkpoint': os.path.join(work_dir, 'latest.pth')}
-        mic_data.save_json(os.path.join(work_dir, 'metrics.json'), final)
+        mic_runtime.save_json(os.path.join(work_dir, 'metrics.json'), final)
         if metrics['mIoU'] is None:
             print0(f'trained {max_iters} iterations; no mIoU without labels: predictions in {work_dir}/preds')
         else:
@@ -1152,7 +1150,7 @@ def main(argv=None):
         parser.error('give either --cfg CONFIG or --exp ID')
     if args.list and args.exp is None:
         parser.error('--list goes with --exp')
-    mic_data.limit_threads()  # no more intra-op threads than this process's share of the cores
+    mic_runtime.limit_threads()  # no more intra-op threads than this process's share of the cores
     if args.exp is not None:
         return run_experiment(args, argv)
     try:
@@ -1171,11 +1169,10 @@ def main(argv=None):
 
 def run_experiment(args, argv):
     """--exp ID: the runs of an experiment one after the other (--list: their commands)."""
-    import mic_config
     try:
-        runs = mic_config.experiment_runs(args.exp)
+        runs = mic_experiments.experiment_runs(args.exp)
         if args.list:
-            for line in mic_config.experiment_commands(args.exp):
+            for line in mic_experiments.experiment_commands(args.exp):
                 print(line)
             return runs
         extra = args.opt + (['train.deterministic=true'] if args.deterministic else [])

@@ -4,7 +4,7 @@ For each experiment ID the original's generate_experiment_cfgs(ID) gives the run
 --exp ID` trains; each is resolved through its `_base_` chain with mmcv's Config, as the original does,
 and its settings that matter (model, crops and image scales, the UDA method and its parameters, MIC,
 optimizer, schedule, iterations, batch, seed, test mode) are set beside those of our run of the same
-place in the list (`mic_config.experiment_runs(ID)` + `load_config`). Prints one line per run, OK or
+place in the list (`mic_experiments.experiment_runs(ID)` + `load_config`). Prints one line per run, OK or
 FAIL with the settings that differ, and a summary per experiment.
 
 Runs in the original's environment (the pure-Python mmcv 1.3.7; no torch import is needed here), e.g.
@@ -24,7 +24,8 @@ import tempfile
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 sys.path.insert(0, REPO)
 
-from mic_config import experiment_runs, load_config, load_experiments  # noqa: E402
+from mic_config import load_config  # noqa: E402
+from mic_experiments import experiment_runs, load_experiments  # noqa: E402
 
 DATASETS = {'GTADataset': 'gta', 'SynthiaDataset': 'synthia', 'CityscapesDataset': 'cityscapes',
             'ACDCDataset': 'acdc', 'DarkZurichDataset': 'darkzurich'}

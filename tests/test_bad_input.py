@@ -28,7 +28,9 @@ import mic_data
 import mic_demo
 import mic_eval
 import mic_model
+import mic_runtime
 import mic_train
+import png16
 from mic_config import ConfigError, defaults, load_config, merge, resolve_section, to_plain
 from mic_data import DataError, OutputError
 
@@ -73,13 +75,13 @@ def write_png16(path, samples):
     def chunk(kind, body):
         return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
     with open(path, 'wb') as f:
-        f.write(convert_labels.PNG_SIGNATURE + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, colour, 0, 0, 0))
+        f.write(png16.PNG_SIGNATURE + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, colour, 0, 0, 0))
                 + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
 
 
 def temp_files(folder):
     """Leftover temporary files of atomic_write anywhere under `folder`."""
-    return [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names if mic_data.is_temp_file(n)]
+    return [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names if mic_runtime.is_temp_file(n)]
 
 
 def assert_complete_pngs(folder):
@@ -183,7 +185,7 @@ def test_16bit_rgb_png_matches_the_exact_decoder(tmp_path, channels):
     samples = np.random.default_rng(channels).integers(0, 65536, (H, W, channels)).astype(np.uint16)
     path = str(tmp_path / 'rgb16.png')
     write_png16(path, samples)
-    exact = convert_labels.read_png(path)  # the project's exact 16-bit decoder (Synthia labels)
+    exact = png16.read_png(path)  # the project's exact 16-bit decoder (Synthia labels)
     np.testing.assert_array_equal(exact, samples)
     np.testing.assert_array_equal(mic_data.read_image(path), (exact[..., :3] >> 8).astype(np.uint8))
 
@@ -398,7 +400,7 @@ def fill_disk(monkeypatch, under, room=100, spare=('.write_check.',)):
 def test_atomic_write_cannot_create(tmp_path, monkeypatch, code, cause, advice):
     fail_os_open(monkeypatch, code, tmp_path)
     with pytest.raises(OutputError) as e:
-        mic_data.save_json(str(tmp_path / 'metrics.json'), {'mIoU': 1})
+        mic_runtime.save_json(str(tmp_path / 'metrics.json'), {'mIoU': 1})
     name = errno.errorcode[code]
     assert str(e.value) == (f'cannot write {tmp_path}/metrics.json: {cause.format(d=tmp_path)} '
                             f'([{name}] {os.strerror(code)}); {advice}')
@@ -412,19 +414,19 @@ def test_atomic_write_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
     old = path.read_bytes()
     fill_disk(monkeypatch, tmp_path, room=1000)
     with pytest.raises(OutputError) as e:
-        mic_data.atomic_write(str(path), lambda f: torch.save({'iteration': 8, 'w': torch.zeros(100000)}, f))
+        mic_runtime.atomic_write(str(path), lambda f: torch.save({'iteration': 8, 'w': torch.zeros(100000)}, f))
     assert str(e.value) == (f'cannot write {path}: no space is left on the disk of {tmp_path} ([ENOSPC] '
                             f'{os.strerror(errno.ENOSPC)}); free some space or choose a folder on another disk')
     assert path.read_bytes() == old and os.listdir(tmp_path) == ['latest.pth']
     # other errors of the writer pass unchanged, and leave no temporary file either
     with pytest.raises(ZeroDivisionError):
-        mic_data.atomic_write(str(path), lambda f: 1 / 0)
+        mic_runtime.atomic_write(str(path), lambda f: 1 / 0)
     assert path.read_bytes() == old and os.listdir(tmp_path) == ['latest.pth']
 
 
 def test_impossible_folder():
     with pytest.raises(OutputError) as e:
-        mic_data.make_dirs('/proc/xyz/out')
+        mic_runtime.make_dirs('/proc/xyz/out')
     assert str(e.value) == ('cannot create the folder /proc/xyz/out: /proc does not allow new folders '
                             '([ENOENT] No such file or directory); choose another output folder')
     with pytest.raises(OutputError) as e:
@@ -436,7 +438,7 @@ def test_impossible_folder():
 def test_file_where_a_folder_belongs(tmp_path):
     (tmp_path / 'f').write_text('x')
     with pytest.raises(OutputError) as e:
-        mic_data.make_dirs(str(tmp_path / 'f' / 'sub'))
+        mic_runtime.make_dirs(str(tmp_path / 'f' / 'sub'))
     assert str(e.value).startswith(f'cannot create the folder {tmp_path}/f/sub: a file of that name (or of one '
                                    f'of its parents) exists ([ENOTDIR]')
 
@@ -654,19 +656,19 @@ def test_loader_workers_use_one_thread(train_data, monkeypatch, cityscapes_val, 
 
 
 def test_limit_threads(monkeypatch):
-    monkeypatch.setattr(mic_data, 'usable_cores', lambda: 4)
+    monkeypatch.setattr(mic_runtime, 'usable_cores', lambda: 4)
     torch.set_num_threads(8)
-    assert mic_data.limit_threads() == 4
+    assert mic_runtime.limit_threads() == 4
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')  # torchrun: the node's processes share the cores
-    assert mic_data.limit_threads() == 2
-    assert mic_data.limit_threads(local_world_size=8) == 1
+    assert mic_runtime.limit_threads() == 2
+    assert mic_runtime.limit_threads(local_world_size=8) == 1
     torch.set_num_threads(1)  # never raised (OMP_NUM_THREADS=1 stays 1)
-    assert mic_data.limit_threads(local_world_size=1) == 1
+    assert mic_runtime.limit_threads(local_world_size=1) == 1
 
 
 def test_usable_cores_reads_the_affinity_mask(monkeypatch):
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {3})
-    assert mic_data.usable_cores() == 1
+    assert mic_runtime.usable_cores() == 1
 
 
 # --------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import shlex
 
 import pytest
 
-from mic_config import ConfigError, experiment, experiment_commands, experiment_runs, load_config, load_experiments
+from mic_config import ConfigError, load_config
+from mic_experiments import experiment, experiment_commands, experiment_runs, load_experiments
 
 COUNTS = {80: 12, 81: 18, 82: 12, 83: 12, 84: 45, 85: 3}  # len(generate_experiment_cfgs(ID)) in the original
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mic_config
+import mic_experiments
 import mic_model
 import mic_train
 from test_train_helpers import synthetic_batch, tiny_cfg
@@ -144,7 +145,7 @@ def test_experiment_runs_train_in_turn_and_finished_ones_are_reported(tmp_path, 
     runs = [(f'tiny_s{seed}', os.path.join(REPO, 'configs/gta2cs.yaml'),
              tiny_opts(demo, str(tmp_path / f'exp/tiny_s{seed}'), 'train.max_iters=2', 'train.eval_interval=0',
                        'train.debug_img_interval=0', f'train.seed={seed}')) for seed in (0, 1)]
-    monkeypatch.setattr(mic_config, 'experiment_runs', lambda exp_id, *a, **k: runs)
+    monkeypatch.setattr(mic_experiments, 'experiment_runs', lambda exp_id, *a, **k: runs)
     first = mic_train.main(['--exp', '99'])
     assert set(first) == {'tiny_s0', 'tiny_s1'}
     for name in first:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-import mic_data
 import mic_eval
 import mic_report
+import mic_runtime
 from mic_data import CLASSES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,7 +208,7 @@ def write_metrics(folder, miou, iou, miou16=None):
     m = {'mIoU': miou, 'IoU': iou, 'aAcc': 95.0, 'num_images': 500}
     if miou16 is not None:
         m['mIoU16'] = miou16
-    mic_data.save_json(os.path.join(folder, 'metrics.json'), m)
+    mic_runtime.save_json(os.path.join(folder, 'metrics.json'), m)
 
 
 def test_summary_mean_and_sample_std(tmp_path, capsys):
