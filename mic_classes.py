@@ -229,6 +229,23 @@ def resolve_classes(classes=None, num_classes=None):
             'things': tuple(names.index(t) for t in value['things'])}
 
 
+def follow_classes(cfg):
+    """A config (plain dicts) with data.classes resolved and what follows from it where null, in place:
+    model.num_classes (the number of names) and uda.fd_classes (the things). ClassesError for a bad
+    data.classes, or when model.num_classes disagrees with its names."""
+    data, model, uda = cfg['data'], cfg['model'], cfg['uda']
+    classes = data['classes'] = normalise_classes(data.get('classes'))
+    named = len(CLASS_PRESETS[classes]['names'] if isinstance(classes, str) else classes['names'])
+    if model['num_classes'] is None:
+        model['num_classes'] = named
+    elif not isinstance(classes, str) and model['num_classes'] != named:
+        raise ClassesError(f"config keys 'model.num_classes' ({model['num_classes']}) and 'data.classes' ({named} "
+                           f'names) disagree: leave model.num_classes out (it follows data.classes) or make them agree')
+    if uda['fd_classes'] is None:
+        uda['fd_classes'] = list(resolve_classes(classes, model['num_classes'])['things'])
+    return cfg
+
+
 # --------------------------------------------------------------------------
 # The class table the data, training and evaluation code use
 # --------------------------------------------------------------------------
