@@ -314,7 +314,7 @@ def _type_name(tp):
         return ' | '.join(repr(a) if origin is Literal else 'null' if a is type(None) else _type_name(a) for a in args)
     if origin is list:
         return f'list of {_type_name(args[0])}'
-    return 'a mapping' if dataclasses.is_dataclass(tp) else tp.__name__
+    return 'a mapping' if dataclasses.is_dataclass(tp) else 'a finite number' if tp is float else tp.__name__
 
 
 def _container_for(value, tp):  # a mapping for a section, a list for a list type
@@ -341,9 +341,8 @@ def _check(value, tp, key, current=None):
     elif origin is Literal and value in args and type(value) in {type(a) for a in args}:
         return value
     elif tp is float and (type(value) in (int, float) or _YAML11_EXPONENT.fullmatch(str(value))):
-        if math.isfinite(float(value)):
+        if math.isfinite(float(value)):  # .inf, .nan, 1e999 fit no key
             return float(value)
-        raise _bad(key, f'expected a finite number, got {value!r}')  # .inf, .nan, 1e999
     elif type(value) is tp:  # bool, int, str, None: exactly (a bool is no int here)
         return value
     raise _bad(key, f'expected {_type_name(tp)}, got {value!r}')
@@ -568,9 +567,10 @@ def read_yaml(path, what, missing_hint=''):
     try:
         with open(path, 'rb') as f:
             data = f.read()
-        if b'\0' in data:  # UTF-16 text or a binary file (a NUL byte is valid UTF-8, but never in YAML)
+        text = data.decode('utf-8')
+        if '\0' in text:  # UTF-16 text or a binary file: a NUL byte is valid UTF-8, but never in YAML
             raise UnicodeDecodeError('utf-8', data, data.index(b'\0'), data.index(b'\0') + 1, 'NUL byte')
-        return yaml.load(data.decode('utf-8'), Loader=_Loader) or {}
+        return yaml.load(text, Loader=_Loader) or {}
     except FileNotFoundError:
         raise ConfigError(f'{what} does not exist{missing_hint}') from None
     except IsADirectoryError:
