@@ -669,22 +669,16 @@ class HRDAEncoderDecoder(EncoderDecoder):
 
     def __init__(self, backbone, decode_head, test_cfg, hrda_cfg):
         super().__init__(backbone, decode_head, test_cfg)
+        # hrda_cfg is a section checked by mic_config (scales [context, 1], detail crop on the output grid,
+        # feature_scale = the context scale)
         self.scales = sorted(hrda_cfg['scales'])
-        if len(self.scales) != 2 or self.scales[1] != 1.0:
-            raise ValueError(f'model.hrda.scales must be [context_scale, 1.0], got {hrda_cfg["scales"]}')
         self.context_scale = self.scales[0]
         self.hr_crop_size = tuple(hrda_cfg['hr_crop_size'])
-        if any(c % self.output_stride for c in self.hr_crop_size):
-            raise ValueError(f'model.hrda.hr_crop_size must be divisible by the output stride {self.output_stride} '
-                             f'of this encoder and head; got {list(self.hr_crop_size)}')
         self.crop_coord_divisible = hrda_cfg['crop_coord_divisible']
         self.hr_loss_weight = hrda_cfg['hr_loss_weight']
         self.lr_loss_weight = hrda_cfg['lr_loss_weight']
         self.hr_slide_inference = hrda_cfg['hr_slide_inference']
         self.hr_slide_overlapping = hrda_cfg['hr_slide_overlapping']
-        if hrda_cfg['feature_scale'] != self.context_scale:
-            raise ValueError('model.hrda.feature_scale must equal the context scale '
-                             f'({self.context_scale}); got {hrda_cfg["feature_scale"]}')
         # Input sizes must keep the context logits (stride output_stride / scale: 8 with DAFormer,
         # 16 with DeepLabV2) aligned with the detail logits.
         self.size_divisor = int(self.output_stride / self.context_scale)
@@ -861,7 +855,7 @@ def build_model(cfg_model, load_pretrained=False):
 
     load_pretrained: also load the ImageNet encoder weights from cfg_model['pretrained'].
     """
-    from mic_config import resolve_section  # the schema sits beside this file; it imports only yaml
+    from mic_config import resolve_section  # the schema sits beside this file; it imports no torch
     cfg = resolve_section('model', cfg_model)
     backbone = BACKBONES[cfg['backbone']['type']](cfg['backbone'])
     backbone.activation_checkpointing = cfg['activation_checkpointing']
