@@ -50,8 +50,9 @@ def _section(cls):
 # --------------------------------------------------------------------------
 
 # The names of mic_model.BACKBONES and mic_model.HEADS (a test keeps them in step; no torch here).
-BACKBONE_TYPES = ('mit_b0', 'mit_b1', 'mit_b2', 'mit_b3', 'mit_b4', 'mit_b5', 'resnet50_v1c', 'resnet101_v1c')
-HEAD_TYPES = ('daformer', 'segformer', 'deeplabv2')
+BACKBONE_TYPES = ('mit_b0', 'mit_b1', 'mit_b2', 'mit_b3', 'mit_b4', 'mit_b5', 'resnet50_v1c', 'resnet101_v1c',
+                  *(f'dinov2_vit{v}14{r}' for r in ('', '_reg') for v in 'sblg'))
+HEAD_TYPES = ('daformer', 'segformer', 'deeplabv2', 'vfm_uda')
 
 
 @dataclass
@@ -574,7 +575,7 @@ _RANGES = {
 _MIT_MIN_SIZE = 32  # mic_model.MiT: stage 1 reduces keys/values 8x8 from a map at stride 4
 # the segmentor's output stride per decoder (mic_model: backbone.feature_strides[head.logits_stage];
 # tests/test_config.py holds the two to each other): MiT + DAFormer/SegFormer 4, ResNet + DeepLabV2 8
-HEAD_OUTPUT_STRIDES = {'daformer': 4, 'segformer': 4, 'deeplabv2': 8}
+HEAD_OUTPUT_STRIDES = {'daformer': 4, 'segformer': 4, 'deeplabv2': 8, 'vfm_uda': 4}
 
 
 def _is_number(v):
