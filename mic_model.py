@@ -1306,10 +1306,74 @@ def _extract_state_dict(ckpt, path):
         return sd, 'segformer_imagenet'
     if any(k.startswith('stem.') for k in sd):  # OpenMMLab ImageNet ResNet-V1c (open-mmlab://resnet*_v1c)
         return sd, 'openmmlab_imagenet'
+    if 'pos_embed' in sd and 'cls_token' in sd:  # facebookresearch/dinov2's dinov2_*_pretrain.pth
+        return sd, 'dinov2_official'
+    if any(k.startswith('embeddings.patch_embeddings.') for k in sd):  # Hugging Face facebook/dinov2-*
+        return dinov2_from_hf(sd), 'dinov2_hf'
     return sd, 'segmentor'
 
 
+# Hugging Face's file names (Dinov2Model, Dinov2WithRegistersModel) -> the official ones, per block and outside
+_HF_DINOV2_BLOCK = {'norm1': 'norm1', 'attention.output.dense': 'attn.proj', 'layer_scale1.lambda1': 'ls1.gamma',
+                    'norm2': 'norm2', 'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2', 'mlp.weights_in': 'mlp.w12',
+                    'mlp.weights_out': 'mlp.w3', 'layer_scale2.lambda1': 'ls2.gamma'}
+_HF_DINOV2_TOP = {'embeddings.cls_token': 'cls_token', 'embeddings.mask_token': 'mask_token',
+                  'embeddings.position_embeddings': 'pos_embed', 'embeddings.register_tokens': 'register_tokens',
+                  'embeddings.patch_embeddings.projection': 'patch_embed.proj', 'layernorm': 'norm'}
+
+
+def _renamed(key, table):
+    """key with the first entry of table that is the key or a prefix of it (followed by '.') renamed."""
+    for old, new in table.items():
+        if key == old or key.startswith(old + '.'):
+            return new + key[len(old):]
+    return None
+
+
+def dinov2_from_hf(sd):
+    """A Hugging Face DINOv2 state dict (names as stored in the hub's files) with the official names:
+    query, key and value are stacked into qkv (in that order, the official qkv layout); keys that are
+    not DINOv2's stay as they are, so that the strict check names them."""
+    out, qkv = {}, {}
+    for k, v in sd.items():
+        name = _renamed(k, _HF_DINOV2_TOP)
+        if k.startswith('encoder.layer.'):
+            i, rest = k[len('encoder.layer.'):].split('.', 1)
+            if rest.startswith('attention.attention.'):  # attention.attention.{query,key,value}.{weight,bias}
+                part, kind = rest[len('attention.attention.'):].split('.', 1)
+                qkv.setdefault((i, kind), {})[part] = (k, v)
+                continue
+            name = _renamed(rest, _HF_DINOV2_BLOCK)
+            name = name and f'blocks.{i}.{name}'
+        out[name or k] = v
+    for (i, kind), parts in qkv.items():
+        if set(parts) == {'query', 'key', 'value'}:
+            out[f'blocks.{i}.attn.qkv.{kind}'] = torch.cat([parts[p][1] for p in ('query', 'key', 'value')])
+        else:  # incomplete: left under the file's names for the error message
+            out.update(dict(parts.values()))
+    return out
+
+
 IMAGENET_FORMATS = ('segformer_imagenet', 'openmmlab_imagenet')  # a bare encoder with its ImageNet classifier
+DINOV2_FORMATS = ('dinov2_official', 'dinov2_hf')  # a bare DINOv2 encoder (official or Hugging Face names)
+
+
+def is_safetensors(path):
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header ('{')."""
+    with open(path, 'rb') as f:
+        return f.read(9)[8:] == b'{'
+
+
+def read_weights(path):
+    """read_checkpoint, or the tensors of a safetensors file (Hugging Face's model.safetensors)."""
+    if not (os.path.isfile(path) and is_safetensors(path)):
+        return read_checkpoint(path)
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f'{path} is a safetensors file: reading it needs the safetensors package '
+                              '(pip install safetensors)') from None
+    return load_file(path, device='cpu')
 
 
 def load_checkpoint(model, path):
@@ -1318,15 +1382,24 @@ def load_checkpoint(model, path):
     Accepts our checkpoints (the student), the released MIC/HRDA/DAFormer checkpoints
     (the 'model.' student; 'ema_model.' and 'imnet_model.' are ignored), SegFormer's mit_b*.pth and
     OpenMMLab's resnet*_v1c-*.pth ImageNet weights (into the encoder; the classifier, 'head.*' or 'fc.*',
-    is dropped; BatchNorm's num_batches_tracked counters, absent from old files, keep the model's values).
+    is dropped; BatchNorm's num_batches_tracked counters, absent from old files, keep the model's values),
+    and DINOv2 encoder weights: the official dinov2_*_pretrain.pth or Hugging Face's facebook/dinov2-*
+    pytorch_model.bin / model.safetensors (into the encoder; its pyramid keeps the model's values).
     Anything else that does not match raises CheckpointError naming the keys and shapes.
     Returns {'format', 'ignored': [keys dropped by name]}.
     """
-    sd, fmt = _extract_state_dict(read_checkpoint(path), path)
+    sd, fmt = _extract_state_dict(read_weights(path), path)
     encoder_only = not hasattr(model, 'backbone')
     target = model
     ignored = []
-    if fmt in IMAGENET_FORMATS:
+    if fmt in DINOV2_FORMATS:
+        target = model if encoder_only else model.backbone
+        if not isinstance(target, DINOv2):
+            raise CheckpointError(f'{path} ({fmt}) holds DINOv2 encoder weights ({_dinov2_name(sd)}) but the '
+                                  f'model\'s encoder is not DINOv2: set model.backbone.type={_dinov2_name(sd)}')
+        # the pyramid is trained from scratch: it keeps the model's values (MAE's rule: only these may miss)
+        sd = {**sd, **{k: v for k, v in target.state_dict().items() if k.startswith(target.not_pretrained_prefix)}}
+    elif fmt in IMAGENET_FORMATS:
         target = model if encoder_only else model.backbone
         ignored = [k for k in sd if k.startswith(target.classifier_prefix)]
         sd = {k: v for k, v in sd.items() if k not in ignored}
@@ -1372,6 +1445,10 @@ def _check_state_dict(model, sd, path, fmt):
         else:
             hints.append(f'the checkpoint holds a {name} encoder, the model a {_encoder_name(own_kind, n_own)}: '
                          'set model.backbone.type accordingly')
+    dino, own_dino = _dinov2_name(sd), _dinov2_name(own)
+    if dino and own_dino and dino != own_dino:
+        hints.append(f'the checkpoint holds a {dino} encoder, the model a {own_dino}: '
+                     'set model.backbone.type accordingly')
     head, own_head = _head_type(sd), _head_type(own)
     if head and own_head and head != own_head:
         hints.append(f'the checkpoint has a {head} head: set model.decode_head.type={head}')
@@ -1411,6 +1488,22 @@ def _encoder_name(kind, n_stage3):
     return ' or '.join(names) or f'{kind} with {n_stage3} stage-3 blocks'
 
 
+def _dinov2_name(state_dict):
+    """The model.backbone.type of the DINOv2 encoder in a state dict (by width, depth and registers),
+    a description when no released variant has them, or None when it holds no DINOv2 encoder."""
+    prefix = 'backbone.' if 'backbone.pos_embed' in state_dict else ''
+    pos = state_dict.get(prefix + 'pos_embed')
+    if pos is None or pos.ndim != 3:
+        return None
+    dim = pos.shape[-1]
+    depth = len({k[len(prefix) + 7:].split('.')[0] for k in state_dict if k.startswith(prefix + 'blocks.')})
+    reg = prefix + 'register_tokens' in state_dict
+    for variant, v in DINOV2_VARIANTS.items():
+        if (v['embed_dim'], v['depth']) == (dim, depth):
+            return f'dinov2_{variant}' + ('_reg' if reg else '')
+    return f'DINOv2 of width {dim} and depth {depth}'
+
+
 def _head_type(state_dict):
     """The HEADS name of the (single-scale or HRDA) decoder in a state dict, or None."""
     for k in state_dict:
@@ -1421,6 +1514,8 @@ def _head_type(state_dict):
             return 'segformer'
         if k.startswith('decode_head.aspp_modules.'):
             return 'deeplabv2'
+        if k.startswith('decode_head.upscale.'):
+            return 'vfm_uda'
     return None
 
 
