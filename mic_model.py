@@ -471,15 +471,16 @@ class SimplePyramid(nn.Module):
 
     def __init__(self, dim):
         super().__init__()
-        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(),
-                                 nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2))
+        self.up4_1 = nn.ConvTranspose2d(dim, dim // 2, 2, 2)
+        self.up4_norm = LayerNorm2d(dim // 2)  # 'norm' in its name: no weight decay (DINOv2's keys)
+        self.up4_2 = nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)
         self.up2 = nn.ConvTranspose2d(dim, dim // 2, 2, 2)
         self.pool = nn.MaxPool2d(2)
         self.out_channels = (dim // 4, dim // 2, dim, dim)
 
     def forward(self, maps):
         a, b, c, d = maps
-        return [self.up4(a), self.up2(b), c, self.pool(d)]
+        return [self.up4_2(F.gelu(self.up4_norm(self.up4_1(a)))), self.up2(b), c, self.pool(d)]
 
 
 class DINOv2(nn.Module):
