@@ -1,5 +1,6 @@
-"""MIC's segmentation models in plain PyTorch: the MiT and ResNet-V1c encoders, the DAFormer,
-SegFormer and DeepLabV2 decoders, the HRDA multi-resolution segmentor, inference and checkpoint loading.
+"""MIC's segmentation models in plain PyTorch: the MiT, ResNet-V1c and DINOv2 encoders, the DAFormer,
+SegFormer, DeepLabV2 and VFM-UDA decoders, the HRDA multi-resolution segmentor, inference and checkpoint
+loading.
 
     import mic_model, mic_train
     cfg = mic_train.load_config('configs/gta2cs.yaml')
@@ -1163,6 +1164,7 @@ class FCDiscriminator(nn.Module):
 #   default_pretrained     the usual model.pretrained path of its ImageNet weights
 #   pretrained_help(path)  where those weights come from (for the missing-file message)
 #   activation_checkpointing (bool attribute, set by build_model)
+# and, for layer-wise lr decay (DINOv2), num_layers and layer_id(parameter name) -> 0 .. num_layers - 1.
 # A head provides forward(list of maps) -> logits and logits_stage (the map whose resolution they have).
 
 def build_mit(cfg_backbone):
