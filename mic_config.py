@@ -61,9 +61,10 @@ def _added(default=None):  # a key added after the first release: stored() leave
 # --- model: mic_model.build_model(cfg.model) ------------------------------------------------------
 # mic_model's names of BACKBONES and HEADS, output stride (backbone.feature_strides[head.logits_stage]) and
 # MiT's smallest input, repeated (mic_model imports this file); tests/test_config.py holds them to mic_model.
-BACKBONE_TYPES = ('mit_b0', 'mit_b1', 'mit_b2', 'mit_b3', 'mit_b4', 'mit_b5', 'resnet50_v1c', 'resnet101_v1c')
-HEAD_TYPES = ('daformer', 'segformer', 'deeplabv2')
-HEAD_OUTPUT_STRIDES = {'daformer': 4, 'segformer': 4, 'deeplabv2': 8}  # MiT + DAFormer/SegFormer, ResNet + DLV2
+BACKBONE_TYPES = ('mit_b0', 'mit_b1', 'mit_b2', 'mit_b3', 'mit_b4', 'mit_b5', 'resnet50_v1c', 'resnet101_v1c',
+                  *(f'dinov2_vit{v}14{r}' for r in ('', '_reg') for v in 'sblg'))
+HEAD_TYPES = ('daformer', 'segformer', 'deeplabv2', 'vfm_uda')
+HEAD_OUTPUT_STRIDES = {'daformer': 4, 'segformer': 4, 'deeplabv2': 8, 'vfm_uda': 4}
 MIT_MIN_SIZE = 32  # mic_model.MiT: stage 1 reduces keys/values 8x8 from a map at stride 4
 UDA_MODES = ('dacs', 'source_only', 'advseg', 'minent')  # the keys of mic_train.METHODS
 
