@@ -245,7 +245,7 @@ class MinEntConfig:  # uda.mode=minent: entropy minimisation on the target (ADVE
     lambda_ent: float = 0.001  # weight of the mean normalised entropy of the target predictions
 
 
-UDA_MODES = ('dacs', 'source_only', 'advseg', 'minent')  # the keys of mic_train.METHODS
+UDA_MODES = ('dacs', 'source_only', 'advseg', 'minent')  # the keys of mic_uda.METHODS
 
 
 @dataclass
@@ -835,6 +835,21 @@ def _check_classes(cfg):
                           'set uda.fd_lambda: 0 to train without the feature distance')
 
 
+# --------------------------------------------------------------------------
+# Relations between the method (uda) and the model
+# --------------------------------------------------------------------------
+
+def _check_method_relations(cfg):
+    """What the training methods need of the model (the trainer builds what the config asks for)."""
+    uda, model = cfg['uda'], cfg['model']
+    if uda['fd_lambda'] > 0 and not model['pretrained']:
+        raise ConfigError('uda.fd_lambda > 0 compares features with the ImageNet encoder, which needs '
+                          'model.pretrained; set uda.fd_lambda=0 to train without the feature distance')
+    if uda['mode'] in ('advseg', 'minent') and model['type'] == 'hrda':
+        raise ConfigError(f'uda.mode={uda["mode"]} is implemented for single-scale models (as Table 1 runs it): '
+                          'set model.type=encoder_decoder')
+
+
 def check_values(cfg, section=None):
     """Raise ConfigError, naming the key, for a value outside its range or keys that do not fit
     together. cfg: a whole config (section None) or one section ('model', 'data', ...)."""
@@ -842,6 +857,7 @@ def check_values(cfg, section=None):
     if section is None:
         _check_relations(cfg['model'], cfg['data'])
         _check_classes(cfg)
+        _check_method_relations(cfg)
     elif section == 'model':
         _check_relations(cfg)
 
