@@ -372,15 +372,6 @@ def memory_mb(device):
 # Main loop
 # --------------------------------------------------------------------------
 
-def train(cfg, resume=None, command=''):
-    rank, world, device = setup_distributed(cfg.train.device)
-    try:
-        return _train(cfg, resume, command, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def set_determinism(deterministic):
     """train.deterministic: deterministic algorithms and no cuDNN autotuning, so that two runs of
     one seed on one machine can be compared; otherwise cuDNN picks the fastest kernels (as the original)."""
@@ -442,6 +433,12 @@ class RunLog:
             self.report_note = str(e)
             self.progress.write(f'note: no report.png: {e}')
 
+    def eval_record(self, iteration, metrics, best):
+        self.write({'iteration': iteration, 'eval': {k: v for k, v in metrics.items() if k != 'IoU'},
+                    'IoU': metrics.get('IoU'), 'best_mIoU': best})
+        self.message(f'iteration {iteration}: target mIoU {metrics["mIoU"]:.2f} (best {best:.2f})')
+        self.report()
+
     def message(self, text):
         if self.enabled:
             self.progress.write(text)
@@ -452,30 +449,54 @@ class RunLog:
             self.tb.close()
 
 
-def _train(cfg, resume, command, rank, world, device):
+def train(cfg, resume=None, command=''):
+    """Train cfg in train.work_dir (resume: 'auto' for its latest.pth, or a checkpoint path) and
+    evaluate on data.val; returns the final metrics."""
+    rank, world, device = setup_distributed(cfg.train.device)
+    try:
+        set_determinism(cfg.train.deterministic)
+        ckpt_path, finished = resolve_resume(cfg, resume)
+        if finished is not None:
+            return finished
+        prepare_work_dir(cfg)
+        return Run(cfg, ckpt_path, command, rank, world, device).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_resume(cfg, resume):
+    """(checkpoint to continue from or None, metrics of this config's finished run or None).
+
+    A folder that holds this very config's finished run is not trained again: its metrics.json is
+    reported, or, when the final evaluation did not write one, the run is resumed to evaluate it."""
     work_dir = cfg.train.work_dir
-    set_determinism(cfg.train.deterministic)
+    latest = os.path.join(work_dir, 'latest.pth')
     ckpt_path = None
     if resume:
-        ckpt_path = os.path.join(work_dir, 'latest.pth') if resume == 'auto' else resume
+        ckpt_path = latest if resume == 'auto' else resume
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f'--resume: checkpoint {ckpt_path} does not exist')
-    if check_work_dir(cfg, resume):
-        path = os.path.join(work_dir, 'metrics.json')
-        if os.path.exists(path):
-            print0(f'{work_dir} already holds this config\'s finished run; its results: {path}. '
-                   'Delete the folder or set train.work_dir to train again.')
-            with open(path) as f:
-                metrics = json.load(f)
-            if metrics.get('mIoU') is not None:  # (a data.val without labels gives predictions only)
-                print0(f'target mIoU: {metrics["mIoU"]:.2f}')
-            return metrics
-        # trained to the end, but stopped before the final evaluation wrote metrics.json
+    if not check_work_dir(cfg, resume):
+        return ckpt_path, None
+    path = os.path.join(work_dir, 'metrics.json')
+    if not os.path.exists(path):  # trained to the end, but stopped before the final evaluation
         print0(f'{work_dir} holds this config\'s fully trained run without metrics.json; evaluating it')
-        resume = 'auto'
-        ckpt_path = os.path.join(work_dir, 'latest.pth')
+        return latest, None
+    print0(f'{work_dir} already holds this config\'s finished run; its results: {path}. '
+           'Delete the folder or set train.work_dir to train again.')
+    with open(path) as f:
+        metrics = json.load(f)
+    if metrics.get('mIoU') is not None:  # (a data.val without labels gives predictions only)
+        print0(f'target mIoU: {metrics["mIoU"]:.2f}')
+    return None, metrics
+
+
+def prepare_work_dir(cfg):
+    """Rank 0 removes what a killed checkpoint write left behind and generates the demo data."""
+    work_dir = cfg.train.work_dir
     if is_main():
-        removed = mic_runtime.remove_temp_files(work_dir)  # a checkpoint write that was killed midway
+        removed = mic_runtime.remove_temp_files(work_dir)
         if removed:
             print0(f'removed {len(removed)} temporary file(s) of an interrupted write from {work_dir}')
         if cfg.data.demo.enabled:
@@ -483,122 +504,175 @@ def _train(cfg, resume, command, rank, world, device):
     if dist.is_initialized():
         dist.barrier()
 
-    # Everything that can fail on bad input (model, weights, data) comes before the first file is
-    # written to the run folder, so that a failed start leaves no half-made run behind.
-    seed_everything(cfg.train.seed + rank)
-    trainer = Trainer(cfg, device, rank, world, load_pretrained=not resume)
-    start = 0
-    ckpt = None
-    if ckpt_path:
-        ckpt = mic_model.read_checkpoint(ckpt_path)
-        old = architecture(ckpt['config']['model'])
-        if old != architecture(cfg.model):
-            raise ConfigError(f'refusing to resume {ckpt_path}: it was trained with model {old}, '
-                              f'the config asks for {architecture(cfg.model)}')
-        trainer.load_state_dict(ckpt)
-        start = ckpt['iteration']
-    max_iters = cfg.train.max_iters
-    loader = mic_data.build_train_loader(cfg.data, cfg.train.seed, rank=rank, start_iter=start) \
-        if start < max_iters else None
 
-    best = ckpt['meta'].get('best_mIoU') if ckpt else None
-    classes = mic_data.class_table(cfg.data, cfg.model.num_classes)  # names and colours of data.classes
-    if is_main():
-        mic_runtime.make_dirs(work_dir)
-        mic_runtime.check_writable(work_dir)
-        atomic_write_text(os.path.join(work_dir, 'config.yaml'), dump_yaml(cfg))
-        append_command(os.path.join(work_dir, 'command.txt'), command, world)
-    if ckpt_path:
-        print0(f'resumed {ckpt_path} at iteration {start}')
-    run_log = RunLog(cfg, start, enabled=is_main(), palette=classes.palette)
-    nonfinite = NonFiniteWatch(device)
+class Run:
+    """One training run in train.work_dir: the trainer, the data, the log and the best mIoU so far.
+    `train` is the loop; `log_train`, `evaluate` and `save` are what it does at its intervals."""
 
-    def save(iteration):
-        nonfinite.check_before_checkpoint(trainer, iteration)
-        states = gather_rng_states()
+    def __init__(self, cfg, ckpt_path, command, rank, world, device):
+        self.cfg, self.command, self.world, self.device = cfg, command, world, device
+        self.work_dir, self.max_iters = cfg.train.work_dir, cfg.train.max_iters
+        # Everything that can fail on bad input (model, weights, data) comes before the first file is
+        # written to the run folder, so that a failed start leaves no half-made run behind.
+        seed_everything(cfg.train.seed + rank)
+        self.trainer = Trainer(cfg, device, rank, world, load_pretrained=not ckpt_path)
+        self.ckpt = self.load_checkpoint(ckpt_path) if ckpt_path else None
+        self.start = self.ckpt['iteration'] if self.ckpt else 0
+        self.loader = mic_data.build_train_loader(cfg.data, cfg.train.seed, rank=rank, start_iter=self.start) \
+            if self.start < self.max_iters else None
+        self.best = self.ckpt['meta'].get('best_mIoU') if self.ckpt else None
+        self.classes = mic_data.class_table(cfg.data, cfg.model.num_classes)  # names and colours of data.classes
         if is_main():
-            checkpoint = {**trainer.state_dict(), 'iteration': iteration, 'rng': states,
-                          'sampler': {'next_index': iteration * cfg.data.batch_size}, 'config': stored(cfg),
-                          'meta': {'command': command, 'git_commit': git_commit(), 'best_mIoU': best,
-                                   'time': datetime.datetime.now().isoformat(timespec='seconds'),
-                                   'torch': str(torch.__version__), 'world_size': world}}
-            mic_runtime.atomic_write(os.path.join(work_dir, 'latest.pth'), lambda f: torch.save(checkpoint, f))
+            self.write_run_files()
+        if ckpt_path:
+            print0(f'resumed {ckpt_path} at iteration {self.start}')
+        self.log = RunLog(cfg, self.start, enabled=is_main(), palette=self.classes.palette)
+        self.nonfinite = NonFiniteWatch(device)
+        self.meter = IntervalMeter(device)
 
-    def evaluate(iteration, pred_dir=None):
-        nonlocal best
+    def load_checkpoint(self, path):
+        ckpt = mic_model.read_checkpoint(path)
+        old, new = architecture(ckpt['config']['model']), architecture(self.cfg.model)
+        if old != new:
+            raise ConfigError(f'refusing to resume {path}: it was trained with model {old}, the config asks for {new}')
+        self.trainer.load_state_dict(ckpt)
+        return ckpt
+
+    def write_run_files(self):
+        mic_runtime.make_dirs(self.work_dir)
+        mic_runtime.check_writable(self.work_dir)
+        atomic_write_text(os.path.join(self.work_dir, 'config.yaml'), dump_yaml(self.cfg))
+        append_command(os.path.join(self.work_dir, 'command.txt'), self.command, self.world)
+
+    def train(self):
+        """The iterations from the checkpoint's on (if any are left), then the final evaluation."""
+        t, it = self.cfg.train, self.start
+        try:
+            if self.loader is not None:
+                batches = self.batches()
+                for it in range(self.start, self.max_iters):
+                    self.iteration(next(batches), it)
+                    done = it + 1
+                    if done % t.log_interval == 0 or done == self.max_iters:
+                        self.log_train(done)
+                    if t.eval_interval and done % t.eval_interval == 0 and done < self.max_iters:
+                        self.evaluate(done)
+                    if (t.ckpt_interval and done % t.ckpt_interval == 0) or done == self.max_iters:
+                        self.save(done)
+                it = self.max_iters
+            else:
+                print0(f'{self.work_dir} already trained to iteration {self.max_iters}; evaluating')
+            pred_dir = os.path.join(self.work_dir, 'preds') if is_main() else None
+            metrics = self.evaluate(self.max_iters, pred_dir=pred_dir)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(it, self.work_dir) from None
+        finally:
+            self.log.close()
+        self.finish(metrics)
+        return metrics
+
+    def batches(self):
+        """The loader's iterator, with the checkpoint's RNG state restored after it is made (the
+        loader draws its worker seed from the global RNG)."""
+        batches = iter(self.loader)
+        if self.ckpt is not None:
+            states = self.ckpt['rng']
+            set_rng_state(states[self.trainer.rank] if self.trainer.rank < len(states) else states[0])
+        self.ckpt = None  # free its tensors
+        self.meter.reset()
+        return batches
+
+    def iteration(self, batch, it):
+        t0 = time.time()
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        self.meter.data_time += time.time() - t0
+        keep_debug = self.cfg.train.debug_img_interval > 0 and it % self.cfg.train.debug_img_interval == 0
+        logs = self.trainer.step(batch, it, keep_debug=keep_debug)
+        self.nonfinite.update(it, logs)  # on the device: no host synchronisation per iteration
+        self.meter.add(logs)
+        if keep_debug:
+            self.log.debug_grid(self.trainer, it)
+        self.trainer.debug = None
+        self.log.progress.update()
+
+    def log_train(self, iteration):
+        self.nonfinite.check()
+        self.log.train_record(self.meter.record(iteration), self.trainer.optimizers)
+
+    def evaluate(self, iteration, pred_dir=None):
+        """Target metrics on data.val (None before the end when it has no labels: only the final
+        predictions are written then); logged with the best mIoU so far."""
+        cfg = self.cfg
         labelled = mic_data.has_labels(cfg.data.val)
-        if not labelled and iteration < max_iters:
-            return None  # without labels data.val only gets the final predictions
-        metrics = mic_eval.evaluate(trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
-                                    device=device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
+        if not labelled and iteration < self.max_iters:
+            return None
+        metrics = mic_eval.evaluate(self.trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
+                                    device=self.device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
                                     synthia16=cfg.data.source.type == 'synthia',
-                                    num_workers=cfg.data.num_workers, classes=classes)
+                                    num_workers=cfg.data.num_workers, classes=self.classes)
         if 'mIoU' not in metrics and not labelled:
             print0(f'data.val ({cfg.data.val.root}) has no labels: cannot compute mIoU, predictions only')
             return {'mIoU': None, **metrics}
         if 'mIoU' not in metrics:
             raise mic_data.DataError(f'data.val ({cfg.data.val.root}, split {cfg.data.val.split}) is not fully '
                                      'labelled: training evaluates on a labelled split; point data.val at one')
-        if best is None or metrics['mIoU'] > best:
-            best = metrics['mIoU']
-        run_log.write({'iteration': iteration, 'eval': {k: v for k, v in metrics.items() if k != 'IoU'},
-                       'IoU': metrics.get('IoU'), 'best_mIoU': best})
-        run_log.message(f'iteration {iteration}: target mIoU {metrics["mIoU"]:.2f} (best {best:.2f})')
-        run_log.report()
+        if self.best is None or metrics['mIoU'] > self.best:
+            self.best = metrics['mIoU']
+        self.log.eval_record(iteration, metrics, self.best)
         return metrics
 
-    it = start
-    try:
-        if loader is not None:
-            batches = iter(loader)
-            if ckpt is not None:  # after the loader is made: it draws its worker seed from the global RNG
-                set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
-            del ckpt
-            acc, acc_n, t_last, data_time = {}, 0, time.time(), 0.0
-            for it in range(start, max_iters):
-                t0 = time.time()
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-                data_time += time.time() - t0
-                keep_debug = cfg.train.debug_img_interval > 0 and it % cfg.train.debug_img_interval == 0
-                logs = trainer.step(batch, it, keep_debug=keep_debug)
-                nonfinite.update(it, logs)  # on the device: no host synchronisation per iteration
-                for k, v in logs.items():
-                    acc[k] = acc.get(k, 0) + v.detach().float()
-                acc_n += 1
-                if keep_debug:
-                    run_log.debug_grid(trainer, it)
-                trainer.debug = None
-                run_log.progress.update()
-                done = it + 1
-                if done % cfg.train.log_interval == 0 or done == max_iters:
-                    nonfinite.check()
-                    dt = (time.time() - t_last) / acc_n
-                    record = {'iteration': done, **{k: round(float(v) / acc_n, 6) for k, v in acc.items()},
-                              'time_per_iter': round(dt, 4), 'data_time': round(data_time / acc_n, 4),
-                              'memory_mb': round(memory_mb(device))}
-                    run_log.train_record(record, trainer.optimizers)
-                    acc, acc_n, t_last, data_time = {}, 0, time.time(), 0.0
-                if cfg.train.eval_interval and done % cfg.train.eval_interval == 0 and done < max_iters:
-                    evaluate(done)
-                if (cfg.train.ckpt_interval and done % cfg.train.ckpt_interval == 0) or done == max_iters:
-                    save(done)
-            it = max_iters
-        else:
-            print0(f'{work_dir} already trained to iteration {max_iters}; evaluating')
-        metrics = evaluate(max_iters, pred_dir=os.path.join(work_dir, 'preds') if is_main() else None)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(it, work_dir) from None
-    finally:
-        run_log.close()
-    if is_main():
-        final = {**metrics, 'checkpoint': os.path.join(work_dir, 'latest.pth')}
-        mic_runtime.save_json(os.path.join(work_dir, 'metrics.json'), final)
+    def save(self, iteration):
+        """latest.pth, written by rank 0 with every rank's RNG state, once the state is checked finite."""
+        self.nonfinite.check_before_checkpoint(self.trainer, iteration)
+        states = gather_rng_states()
+        if not is_main():
+            return
+        cfg = self.cfg
+        checkpoint = {**self.trainer.state_dict(), 'iteration': iteration, 'rng': states,
+                      'sampler': {'next_index': iteration * cfg.data.batch_size}, 'config': stored(cfg),
+                      'meta': {'command': self.command, 'git_commit': git_commit(), 'best_mIoU': self.best,
+                               'time': datetime.datetime.now().isoformat(timespec='seconds'),
+                               'torch': str(torch.__version__), 'world_size': self.world}}
+        mic_runtime.atomic_write(os.path.join(self.work_dir, 'latest.pth'), lambda f: torch.save(checkpoint, f))
+
+    def finish(self, metrics):
+        """metrics.json and the closing line (rank 0)."""
+        if not is_main():
+            return
+        work_dir, n = self.work_dir, self.max_iters
+        mic_runtime.save_json(os.path.join(work_dir, 'metrics.json'),
+                              {**metrics, 'checkpoint': os.path.join(work_dir, 'latest.pth')})
         if metrics['mIoU'] is None:
-            print0(f'trained {max_iters} iterations; no mIoU without labels: predictions in {work_dir}/preds')
+            print0(f'trained {n} iterations; no mIoU without labels: predictions in {work_dir}/preds')
         else:
-            print0(f'target mIoU after {max_iters} iterations: {metrics["mIoU"]:.2f} '
+            print0(f'target mIoU after {n} iterations: {metrics["mIoU"]:.2f} '
                    f'(per class: {work_dir}/metrics.json, predictions: {work_dir}/preds)')
-    return metrics
+
+
+class IntervalMeter:
+    """The step's logs summed on the device over one log interval, with the time per iteration and
+    the time spent waiting for data."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.sums, self.n, self.t0, self.data_time = {}, 0, time.time(), 0.0
+
+    def add(self, logs):
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        self.n += 1
+
+    def record(self, iteration):
+        """The log.jsonl record of the interval ending at `iteration` (means), then a new interval."""
+        n = self.n
+        record = {'iteration': iteration, **{k: round(float(v) / n, 6) for k, v in self.sums.items()},
+                  'time_per_iter': round((time.time() - self.t0) / n, 4), 'data_time': round(self.data_time / n, 4),
+                  'memory_mb': round(memory_mb(self.device))}
+        self.reset()
+        return record
 
 
 class TrainingInterrupted(Exception):
