@@ -12,7 +12,7 @@ log.jsonl (losses, lr, pseudo-label confidence, time, memory; evaluations), debu
 grids), latest.pth (student, teachers, optimizer, RNG, iteration, config) and, at the end,
 metrics.json and preds/ from the evaluation on data.val.
 
-One iteration (SPEC section 4): EMA teacher update -> source loss (+ ImageNet feature
+One iteration: EMA teacher update -> source loss (+ ImageNet feature
 distance) -> teacher pseudo-labels on the target -> ClassMix + strong augmentation ->
 mixed loss -> masked-target loss (MIC) -> one AdamW step over all gradients.
 
