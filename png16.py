@@ -131,16 +131,10 @@ def unfilter(raw, height, width, bpp, lanes=None):
     return out
 
 
-def _unfilter_wavefront(filt, types, done, out):
-    """Decode the pending rows (Average, Paeth, and Up below a pending row) into `out`, in place.
-
-    Pending rows form chains of consecutive rows; each chain is preceded by a finished row (or the
-    zeros above the image). Row r at position s of its chain is skewed right by s: its pixel c is
-    computed at step t = c + s, after (r, c-1) and (r-1, c) at step t-1 and (r-1, c-1) at t-2. One step
-    computes one pixel of every pending row, so width + longest chain steps decode the image.
-    """
-    height, width, nl = filt.shape
-    slots, kinds, skew = [], [], []  # per slot: image row (-1: zeros), filter (0: finished), skew
+def _chains(types, done):
+    """The slots of the wavefront: per slot its image row (-1: the zeros above the image), its filter
+    (0: a finished row) and its skew; each chain of pending rows starts with the finished row above it."""
+    slots, kinds, skew = [], [], []
     s = 0
     for r in np.flatnonzero(~done):
         if r == 0 or done[r - 1]:  # a chain starts: its finished row above comes first
@@ -152,7 +146,19 @@ def _unfilter_wavefront(filt, types, done, out):
         kinds.append(int(types[r]))
         skew.append(s)
         s += 1
-    slots, kinds, skew = np.array(slots), np.array(kinds), np.array(skew)
+    return np.array(slots), np.array(kinds), np.array(skew)
+
+
+def _unfilter_wavefront(filt, types, done, out):
+    """Decode the pending rows (Average, Paeth, and Up below a pending row) into `out`, in place.
+
+    Pending rows form chains of consecutive rows; each chain is preceded by a finished row (or the
+    zeros above the image). Row r at position s of its chain is skewed right by s: its pixel c is
+    computed at step t = c + s, after (r, c-1) and (r-1, c) at step t-1 and (r-1, c-1) at t-2. One step
+    computes one pixel of every pending row, so width + longest chain steps decode the image.
+    """
+    height, width, nl = filt.shape
+    slots, kinds, skew = _chains(types, done)
     n, steps = len(slots), width + skew.max() + 2
     known = np.where(slots[:, None, None] >= 0, out[np.maximum(slots, 0)], 0)  # (n, width, nl)
     values = np.where((kinds == 0)[:, None, None], known, filt[np.maximum(slots, 0)])
