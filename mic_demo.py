@@ -444,33 +444,8 @@ def _draw_vehicle(cv, x, y, k, name):
                 lid, M_LAMP, cv.colour(M_LAMP, (220, 30, 30)))
 
 
-def _draw_scene(rng, h, w, style):
-    """One street scene: a _Canvas with label (Cityscapes ids), material and base colour layers."""
-    cv = _Canvas(h, w, style, rng)
-    yh = h * rng.uniform(0.36, 0.48)  # horizon row
-    vx = w * rng.uniform(0.35, 0.65)  # vanishing point column
-    f = w * rng.uniform(0.9, 1.2)  # focal length in pixels; world unit = the camera height (~1.5 m)
-    road = rng.uniform(1.5, 3.5, 2)  # road edges left/right of the camera (camera heights)
-    side = rng.uniform(1.0, 2.5, 2)  # sidewalk widths
-    garden = rng.random(2) < 0.5  # a strip of terrain between sidewalk and facade
-    garden_w = np.where(garden, rng.uniform(0.8, 2.5, 2), 0.0)
-    z_end = rng.uniform(50, 140)  # depth where the street ends in a backdrop
-    yy = np.arange(h, dtype=np.float32)[:, None] + 0.5
-    xx = np.arange(w, dtype=np.float32)[None, :] + 0.5
-    g = yy - yh  # (h, 1): pixels below the horizon
-
-    # the sky fills the image, then far to near: ground, backdrop across the street's end, facades
-    t = np.clip(yy / yh, 0, 1)[..., None]  # (h, 1, 1)
-    sky = (1 - t) * style['colours'][_MAT['sky']] + t * style['sky_horizon']
-    cv.label[:], cv.mat[:], cv.rgb[:] = _ID['sky'], _MAT['sky'], sky.astype(np.float32)
-    _draw_ground(cv, g, xx, vx, f, road, side, garden)
-    _draw_backdrop(cv, g, xx, vx, f, z_end)
-    sun = rng.choice([-1, 1]) * style['sun']
-    for s in (0, 1):
-        u = (-1, 1)[s] * (road[s] + side[s] + garden_w[s])
-        _draw_facades(cv, g, vx, f, u, z_end, 1 + (-1, 1)[s] * sun)
-
-    # structures along the sidewalks: hedges in gardens, then walls and fences at the sidewalk edge
+def _draw_side_structures(cv, rng, g, vx, f, road, side, garden):
+    """Structures along the sidewalks: hedges in gardens, then walls and fences at the sidewalk edge."""
     for s in (0, 1):
         sign, edge = (-1, 1)[s], road[s] + side[s]
         if garden[s]:
@@ -483,7 +458,10 @@ def _draw_scene(rng, h, w, style):
             top = rng.uniform(0.5, 1.3) if name == 'wall' else rng.uniform(0.7, 1.4)
             _draw_side_plane(cv, g, vx, f, sign * edge, z0, z0 + rng.uniform(4, 25), top, name)
 
-    # objects standing on the ground, drawn far to near: (depth, lateral position, draw(x, y, k))
+
+def _scene_objects(cv, rng, road, side, garden, garden_w, z_end):
+    """The objects standing on the ground: [(depth, lateral position, draw(x, y, k))], drawn far to near
+    by the caller. Placements are drawn from `rng` here; some draw functions draw sizes when called."""
     objects = []
 
     def add(z, u, draw):
@@ -519,6 +497,38 @@ def _draw_scene(rng, h, w, style):
         if rng.random() < p:
             u = (road[1] - road[0]) / 2 + (0 if name == 'train' else rng.uniform(-1, 1))
             add(rng.uniform(8, 60), u, lambda x, y, k, nm=name: _draw_vehicle(cv, x, y, k, nm))
+    return objects
+
+
+def _draw_scene(rng, h, w, style):
+    """One street scene: a _Canvas with label (Cityscapes ids), material and base colour layers."""
+    cv = _Canvas(h, w, style, rng)
+    yh = h * rng.uniform(0.36, 0.48)  # horizon row
+    vx = w * rng.uniform(0.35, 0.65)  # vanishing point column
+    f = w * rng.uniform(0.9, 1.2)  # focal length in pixels; world unit = the camera height (~1.5 m)
+    road = rng.uniform(1.5, 3.5, 2)  # road edges left/right of the camera (camera heights)
+    side = rng.uniform(1.0, 2.5, 2)  # sidewalk widths
+    garden = rng.random(2) < 0.5  # a strip of terrain between sidewalk and facade
+    garden_w = np.where(garden, rng.uniform(0.8, 2.5, 2), 0.0)
+    z_end = rng.uniform(50, 140)  # depth where the street ends in a backdrop
+    yy = np.arange(h, dtype=np.float32)[:, None] + 0.5
+    xx = np.arange(w, dtype=np.float32)[None, :] + 0.5
+    g = yy - yh  # (h, 1): pixels below the horizon
+
+    # the sky fills the image, then far to near: ground, backdrop across the street's end, facades
+    t = np.clip(yy / yh, 0, 1)[..., None]  # (h, 1, 1)
+    sky = (1 - t) * style['colours'][_MAT['sky']] + t * style['sky_horizon']
+    cv.label[:], cv.mat[:], cv.rgb[:] = _ID['sky'], _MAT['sky'], sky.astype(np.float32)
+    _draw_ground(cv, g, xx, vx, f, road, side, garden)
+    _draw_backdrop(cv, g, xx, vx, f, z_end)
+    sun = rng.choice([-1, 1]) * style['sun']
+    for s in (0, 1):
+        u = (-1, 1)[s] * (road[s] + side[s] + garden_w[s])
+        _draw_facades(cv, g, vx, f, u, z_end, 1 + (-1, 1)[s] * sun)
+
+    _draw_side_structures(cv, rng, g, vx, f, road, side, garden)
+
+    objects = _scene_objects(cv, rng, road, side, garden, garden_w, z_end)
     for z, u, draw in sorted(objects, key=lambda o: -o[0]):
         k = f / z  # pixels per camera height at this depth
         draw(vx + u * k, yh + k, k)
