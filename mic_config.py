@@ -45,6 +45,13 @@ def _section(cls):
     return field(default_factory=cls)
 
 
+def _optional(default=None):
+    """A key that the resolved config leaves out while it holds its default. Keys added after the
+    first release are of this kind, so that the resolved configs of the existing experiments (the
+    config.yaml of their run folders, the config stored in their checkpoints) stay as they were."""
+    return field(default=default, metadata={'omit_default': True})
+
+
 # --------------------------------------------------------------------------
 # model: mic_model.build_model(cfg.model)
 # --------------------------------------------------------------------------
@@ -94,6 +101,12 @@ class TestConfig:
     mode: Literal['slide', 'whole'] = 'slide'  # test-time inference on windows or on the whole image
     crop_size: List[int] = _list(1024, 1024)  # sliding window (h, w)
     stride: List[int] = _list(512, 512)  # sliding stride (h, w)
+    # test-time augmentation (mic_eval): class probabilities averaged over these input scales (relative to
+    # the test scale) and, with flip, their left-right mirrors; [1.0] and no flip = one pass (the paper's)
+    # (both absent from the resolved config, in memory too, while they hold their defaults)
+    flip: bool = field(default=False, metadata={'omit_default': True, 'absent_at_default': True})
+    scales: List[float] = field(default_factory=lambda: [1.0], metadata={'omit_default': True,
+                                                                       'absent_at_default': True})
 
 
 @dataclass
@@ -109,6 +122,7 @@ class ModelConfig:
     # ResNet-V1c: OpenMMLab's pretrained/resnet101_v1c-e67eebb6.pth or pretrained/resnet50_v1c-2cccc1ad.pth
     pretrained: Optional[str] = 'pretrained/mit_b5.pth'
     activation_checkpointing: bool = False  # recompute encoder blocks in backward: less memory, more compute
+    in_channels: int = _optional(3)  # image bands the encoder takes; follows data.channels (given, it must agree)
 
 
 # --------------------------------------------------------------------------
@@ -134,13 +148,6 @@ CITYSCAPES_CLASSES = {
 }
 CLASS_PRESETS = {'cityscapes': CITYSCAPES_CLASSES}  # data.classes: <name>
 MAX_CLASSES = 255  # labels are uint8 and 255 marks unlabelled pixels inside the code
-
-
-def _optional(default=None):
-    """A key that the resolved config leaves out while it holds its default. Keys added after the
-    first release are of this kind, so that the resolved configs of the existing experiments (the
-    config.yaml of their run folders, the config stored in their checkpoints) stay as they were."""
-    return field(default=default, metadata={'omit_default': True})
 
 
 @dataclass
@@ -224,7 +231,14 @@ class DataConfig:
     rcs: RCSConfig = _section(RCSConfig)
     demo: DemoConfig = _section(DemoConfig)
     batch_size: int = 2  # source and target images per GPU and iteration
-    num_workers: int = 4  # data-loader worker processes per GPU
+    num_workers: int = 4  # data-loader worker processes per GPU (at most the usable CPU cores are started)
+    # image bands: 3 = RGB; 4 = e.g. RGB + near infrared (RGBA PNG/TIFF), any number as .npy [H,W,C]
+    # (mic_data.read_image). model.in_channels follows; ImageNet weights are extended (mic_model)
+    channels: int = _optional(3)
+    # per-band normalisation (x - mean) / std on 0..255 values; null: ImageNet's RGB statistics (3 bands
+    # only: other band counts must give one value per band)
+    mean: Optional[List[float]] = _optional()
+    std: Optional[List[float]] = _optional()
 
 
 # --------------------------------------------------------------------------
@@ -518,6 +532,8 @@ _RANGES = {
     'model.hrda.feature_scale': Range(lo=0, hi=1, lo_open=True),
     'model.test.crop_size': _ge(1, n=2),
     'model.test.stride': _ge(1, n=2),
+    'model.test.scales': _gt(0),
+    'model.in_channels': Range(lo=1, hi=64),
     'model.num_classes': Range(lo=1, hi=255),  # labels are uint8 with 255 = ignore
     **{f'data.{ds}.{key}': rng for ds in ('source', 'target', 'val')
        for key, rng in (('img_scale', _ge(1, n=2)), ('crop_pseudo_margins', _ge(0, n=4)))},
@@ -536,6 +552,8 @@ _RANGES = {
     'data.demo.gap': _ge(0),
     'data.batch_size': _ge(1),
     'data.num_workers': _ge(0),
+    'data.channels': Range(lo=1, hi=64),
+    'data.std': _gt(0),
     'uda.alpha': _unit(),
     'uda.pseudo_threshold': _unit(),
     'uda.pseudo_weight_ignore_top': _ge(0),
@@ -778,16 +796,18 @@ def _updates_classes(update):
     return isinstance(data, dict) and 'classes' in data
 
 
-def _drop_defaults(tree, cls):
-    """Remove the _optional keys of `tree` (a section of schema `cls`) that hold their default, in place."""
+def _drop_defaults(tree, cls, flag='omit_default'):
+    """Remove the keys of `tree` (a section of schema `cls`) whose field metadata has `flag` (the
+    _optional keys) and that hold their default, in place."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name not in tree:
             continue
-        if f.metadata.get('omit_default') and tree[f.name] == f.default:
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if f.metadata.get(flag) and tree[f.name] == default:
             del tree[f.name]
         elif dataclasses.is_dataclass(hints[f.name]) and isinstance(tree[f.name], dict):
-            _drop_defaults(tree[f.name], hints[f.name])
+            _drop_defaults(tree[f.name], hints[f.name], flag)
 
 
 def _complete(cfg):
@@ -806,7 +826,28 @@ def _complete(cfg):
                           f'names) disagree: leave model.num_classes out (it follows data.classes) or make them agree')
     if uda['fd_classes'] is None:
         uda['fd_classes'] = list(resolve_classes(classes, model['num_classes'])['things'])
+    _complete_bands(data, model)
+    _drop_defaults(cfg, Config, 'absent_at_default')
     return cfg
+
+
+def _complete_bands(data, model):
+    """model.in_channels follows data.channels (3 is the default of both); data.mean and data.std
+    must give one value per band where the bands are not RGB."""
+    if model['in_channels'] == 3:
+        model['in_channels'] = data['channels']
+    elif model['in_channels'] != data['channels']:
+        raise ConfigError(f"config keys 'model.in_channels' ({model['in_channels']}) and 'data.channels' "
+                          f"({data['channels']}) disagree: leave model.in_channels out (it follows data.channels)")
+    n = data['channels']
+    for key in ('mean', 'std'):
+        if data[key] is None and n != 3:
+            raise ConfigError(f"config key 'data.{key}': {n} bands (data.channels) need one {key} per band, on "
+                              f"0..255 values, e.g. the ImageNet RGB values [123.675, 116.28, 103.53] / [58.395, "
+                              f"57.12, 57.375] then those of your extra bands (python mic_data.py check CFG prints "
+                              f"them); only RGB has a default")
+        if data[key] is not None and len(data[key]) != n:
+            raise ConfigError(f"config key 'data.{key}': {len(data[key])} values for {n} bands (data.channels)")
 
 
 def _complete_section(name, section):
@@ -864,6 +905,7 @@ def resolve_section(name, values):
     if validated(values, cls):
         return values
     section = _complete_section(name, _merge_section(cls, defaults(name), to_plain(values or {}), name))
+    _drop_defaults(section, cls, 'absent_at_default')
     check_values(section, name)
     return to_attrdict(section, cls)
 
@@ -896,6 +938,8 @@ def merge(cfg, *updates):
     updates = [to_plain(u) for u in updates]
     if any(_updates_classes(u) for u in updates):
         out['model']['num_classes'] = out['uda']['fd_classes'] = None
+    if any('channels' in (u.get('data') or {}) for u in updates if isinstance(u, dict)):
+        out['model']['in_channels'] = 3  # (the default: follows the new data.channels)
     for update in updates:
         out = _merge_section(Config, out, update, '')
     _complete(out)

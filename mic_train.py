@@ -249,7 +249,11 @@ def strong_augment(img, jitter, blur, strength, mean, std):
     """DACS's strong augmentation of normalised images [B,3,H,W]: colour jitter (in [0,1] space)
     if `jitter`, then Gaussian blur with sigma ~ U(0.15, 1.15) if `blur`."""
     if jitter:
-        img = color_jitter((img * std + mean) / 255.0, strength) * 255.0
+        img = (img * std + mean) / 255.0
+        if img.shape[1] > 3:  # colour jitter is defined on RGB: extra bands (near infrared, ...) keep their values
+            img = torch.cat([color_jitter(img[:, :3], strength), img[:, 3:]], 1) * 255.0
+        else:
+            img = color_jitter(img, strength) * 255.0
         img = (img - mean) / std
     if blur:
         img = gaussian_blur(img, 0.15 + float(torch.rand(())))
@@ -543,8 +547,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == 'fp16')
         # constants made on the device once: a host->device copy inside the step would wait for the GPU
         self.fd_classes = torch.tensor(u.fd_classes, device=device)
-        self.mean = torch.tensor(mic_data.IMG_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(mic_data.IMG_STD, device=device).view(1, 3, 1, 1)
+        bands = mic_data.Bands.of(cfg.data)  # per-band statistics (ImageNet's RGB ones by default)
+        self.mean = torch.tensor(bands.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(bands.std, device=device).view(1, -1, 1, 1)
         self.debug = None  # tensors of the last iteration, kept only when asked for (debug images)
 
     @property
@@ -761,7 +766,8 @@ def save_debug_grid(debug, path, mean, std, max_width=1536, palette=None):
     from PIL import Image, ImageDraw
 
     def image(x):
-        return ((x.float() * std[0] + mean[0]).clamp(0, 255)).byte().permute(1, 2, 0).cpu().numpy()
+        x = (x.float() * std[0] + mean[0]).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+        return mic_data.display_rgb(x)  # (the first three bands)
 
     def label(x):
         return mic_data.colorize(x.reshape(x.shape[-2:]).cpu().numpy().astype(np.uint8), palette)
@@ -956,7 +962,7 @@ def _train(cfg, resume, command, rank, world, device):
         metrics = mic_eval.evaluate(trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
                                     device=device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
                                     synthia16=cfg.data.source.type == 'synthia',
-                                    num_workers=cfg.data.num_workers, classes=classes)
+                                    num_workers=cfg.data.num_workers, classes=classes, bands=cfg.data)
         if 'mIoU' not in metrics and not labelled:
             print0(f'data.val ({cfg.data.val.root}) has no labels: cannot compute mIoU, predictions only')
             return {'mIoU': None, **metrics}
