@@ -463,6 +463,47 @@ def _output_paths(pred_dir, export_dir, outputs, i):
     return paths
 
 
+def _broadcast(values):
+    dist.broadcast_object_list(values, src=0)
+    return values
+
+
+def _infer_item(net, item, device, amp, confidence, conf, counts):
+    """Predict one EvalDataset item: (ids [H0,W0], confidence or None); adds its labelled pixels to the
+    confusion matrix `conf` and to `counts` (images, labelled images)."""
+    img = item['img'].to(device, non_blocking=True)[None]
+    pred, top = predict_tensor(net, img, item['ori_size'], confidence=confidence, amp=amp)
+    counts[0] += 1
+    if item['label'] is not None:
+        K = int(round(conf.numel() ** 0.5))
+        conf += confusion_matrix(pred, item['label'].to(device, non_blocking=True), K)
+        counts[1] += 1
+    return pred, top
+
+
+def _eval_loader(dataset, rank, world, num_classes, num_workers):
+    """This rank's share of the images (i = rank, rank + world, ...), one at a time."""
+    workers = mic_data.loader_workers(num_workers)
+    return torch.utils.data.DataLoader(
+        _CheckedItems(dataset, range(rank, len(dataset), world), num_classes), batch_size=1, shuffle=False,
+        num_workers=workers, collate_fn=mic_data.eval_collate,
+        worker_init_fn=mic_data.worker_init_fn if workers > 0 else None)
+
+
+def _output_names(pred_dir, export_dir, names, overlay_names, outputs, dataset):
+    """run_inference's {kind: names}: `outputs` as given, else colour predictions (names, default the
+    image stems), overlays and exports."""
+    outputs = dict(outputs or {})
+    if not outputs and (pred_dir or export_dir):
+        names = names if names is not None else output_names([s[0] for s in dataset.samples])
+        outputs = {'color': names, **({'overlay': overlay_names} if overlay_names else {})}
+    if export_dir:
+        outputs['export'] = outputs.pop('color') if not pred_dir else outputs['color']
+    elif not pred_dir:
+        outputs = {}
+    return outputs
+
+
 def _prepare_folders(pred_dir, export_dir, outputs, rank, world):
     """Create the output folders and clean their temporary files (rank 0); refuse an export folder
     that holds other files."""
@@ -488,10 +529,9 @@ def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_
     pred_dir: colour predictions pred_dir/names[i] in `palette` (an [r, g, b] per class; default
     the Cityscapes colours); export_dir: train-id or label-id PNGs
     export_dir/names[i] (export_format); overlay_names: also the prediction blended over the image,
-    pred_dir/overlay_names[i]. names default to the image stem + '.png'. outputs: instead of names
-    and overlay_names, {kind: names under pred_dir} with kinds color, overlay, ids (ids_image with
-    id_values) and confidence. bands: how the overlays read the images (mic_data.Bands).
-    Test-time augmentation: model.test.flip / model.test.scales of the model (test_time_options).
+    pred_dir/overlay_names[i]. names default to the image stem + '.png'. outputs: instead, {kind: names
+    under pred_dir}, kinds color, overlay, ids (ids_image with id_values), confidence. bands: how the
+    overlays read the images. Test-time augmentation: the model's model.test.flip / .scales.
     An unreadable image (or label) raises DataError with its message + error_hint; unless `skipped`
     is a list: then such images are skipped (nothing written for them) and (path, message) pairs of
     all ranks are appended to it.
@@ -503,22 +543,10 @@ def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_
         raise ValueError(f'amp must be none, bf16 or fp16, got {amp!r}')
     rank, world = _dist_rank_world(distributed)
     if world > 1:  # rank 0's output folders count (a caller may pass them on rank 0 only)
-        folders = [pred_dir, export_dir]
-        dist.broadcast_object_list(folders, src=0)
-        pred_dir, export_dir = folders
-    outputs = dict(outputs or {})
-    if not outputs and (pred_dir or export_dir):
-        names = names if names is not None else output_names([s[0] for s in dataset.samples])
-        outputs = {'color': names, **({'overlay': overlay_names} if overlay_names else {})}
-    if export_dir:
-        outputs['export'] = outputs.pop('color') if not pred_dir else outputs['color']
-    elif not pred_dir:
-        outputs = {}
+        pred_dir, export_dir = _broadcast([pred_dir, export_dir])
+    outputs = _output_names(pred_dir, export_dir, names, overlay_names, outputs, dataset)
     _prepare_folders(pred_dir, export_dir, outputs, rank, world)
-    loader = torch.utils.data.DataLoader(
-        _CheckedItems(dataset, range(rank, len(dataset), world), num_classes), batch_size=1, shuffle=False,
-        num_workers=mic_data.loader_workers(num_workers), collate_fn=mic_data.eval_collate,
-        worker_init_fn=mic_data.worker_init_fn if num_workers > 0 else None)
+    loader = _eval_loader(dataset, rank, world, num_classes, num_workers)
     conf = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # images, labelled images
     writer = _Writer() if outputs else None
@@ -534,17 +562,10 @@ def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_
                     raise DataError(item['error'] + error_hint)
                 failed.append((item['img_path'], item['error']))
                 continue
-            img = item['img'].to(device, non_blocking=True)[None]
-            pred, confidence = predict_tensor(net, img, item['ori_size'], confidence='confidence' in outputs,
-                                              amp=amp)
-            counts[0] += 1
-            if item['label'] is not None:
-                conf += confusion_matrix(pred, item['label'].to(device, non_blocking=True), num_classes)
-                counts[1] += 1
+            pred, confidence = _infer_item(net, item, device, amp, 'confidence' in outputs, conf, counts)
             if writer is not None:
-                writer.submit(_save_outputs, pred.cpu().numpy(), _output_paths(pred_dir, export_dir, outputs,
-                                                                               rank + j * world),
-                              item['img_path'], palette, export_format,
+                paths = _output_paths(pred_dir, export_dir, outputs, rank + j * world)
+                writer.submit(_save_outputs, pred.cpu().numpy(), paths, item['img_path'], palette, export_format,
                               None if confidence is None else confidence.cpu().numpy(), bands, id_values)
         ok = True
     finally:
@@ -780,6 +801,15 @@ def parse_args(argv=None):
         parser.error('the following arguments are required: --ckpt (or --summary RUN ...)')
     if args.summary is not None and args.ckpt is not None:
         parser.error('--summary summarises the metrics.json of finished runs: it takes no --ckpt')
+    _check_format_args(parser, args)
+    if args.skip_unreadable and not args.images:
+        parser.error('--skip-unreadable applies to --images only: a dataset split is evaluated whole '
+                     '(a skipped image would change the mIoU)')
+    return args
+
+
+def _check_format_args(parser, args):
+    """--format, --id-map and --save-confidence against --images: each applies to one of the two."""
     if args.images and (args.split or args.data_root):
         parser.error('--images predicts a folder of images: it takes no --split or --data-root')
     if args.images and args.format in EXPORT_FOLDERS:
@@ -791,10 +821,6 @@ def parse_args(argv=None):
         parser.error('--id-map and --save-confidence apply to --images DIR')
     if args.id_map and args.format not in ('ids', 'all'):
         parser.error('--id-map sets the values of the ids PNGs: add --format ids (or all)')
-    if args.skip_unreadable and not args.images:
-        parser.error('--skip-unreadable applies to --images only: a dataset split is evaluated whole '
-                     '(a skipped image would change the mIoU)')
-    return args
 
 
 def run(args, rank=0, world=1, device=None):

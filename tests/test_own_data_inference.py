@@ -184,6 +184,46 @@ def test_band_config_keys():
         mic_config.load_config(None, ['data.channels=4', 'data.mean=[1,2,3,4]', 'data.std=[1,1,1]'])
 
 
+def test_four_band_task_trains_and_predicts(tmp_path):
+    """RGB + near infrared (RGBA TIFF): a folder task trains two iterations, evaluates and predicts;
+    a 3-band image given to the 4-band model is refused, naming both band counts."""
+    import yaml
+    root = tmp_path / 'nir'
+    for domain, n in (('source', 3), ('target', 2)):
+        for i in range(n):
+            ids = np.zeros((64, 64), np.uint8)
+            ids[16 * (i + 1):] = 1
+            img = np.zeros((64, 64, 4), np.uint8)
+            img[..., :3] = 90  # the classes look alike in RGB; the infrared band tells them apart
+            img[..., 3] = 40 + 160 * ids
+            save(root / domain / 'images' / f'{i}.tif', img, mode='RGBA')
+            if domain == 'source':
+                save(root / domain / 'labels' / f'{i}.png', ids)
+
+    def folder(domain, **keys):
+        return {'type': 'folder', 'root': str(root / domain), 'img_dir': 'images', 'img_suffix': '.tif',
+                'img_scale': [64, 64], **keys}
+    labelled = folder('source', label_dir='labels', label_suffix='.png')
+    cfg = {'data': {'classes': ['land', 'water'], 'channels': 4, 'mean': [123.675, 116.28, 103.53, 120.0],
+                    'std': [58.395, 57.12, 57.375, 80.0], 'source': labelled,
+                    'target': folder('target', crop_pseudo_margins=None), 'val': labelled, 'crop_size': [64, 64],
+                    'rcs': {'enabled': False}, 'num_workers': 0},
+           'model': {'backbone': {'type': 'mit_b0'}, 'pretrained': None, 'decode_head': {'embed_dims': 32},
+                     'hrda': {'hr_crop_size': [32, 32]}, 'test': {'mode': 'whole'}},
+           'uda': {'fd_lambda': 0},
+           'train': {'max_iters': 2, 'log_interval': 1, 'eval_interval': 2, 'ckpt_interval': 2,
+                     'debug_img_interval': 2, 'work_dir': str(tmp_path / 'run'), 'device': 'cpu'}}
+    (tmp_path / 'nir.yaml').write_text(yaml.safe_dump(cfg))
+    metrics, _, _, error = run_cli(mic_train.main, ['--cfg', tmp_path / 'nir.yaml'])
+    assert error is None and 0 <= metrics['mIoU'] <= 100
+    model = mic_eval.load_model(str(tmp_path / 'run' / 'latest.pth'), device='cpu')
+    assert model.backbone.patch_embed1.proj.weight.shape[1] == 4
+    ids = mic_eval.predict(model, str(root / 'target' / 'images' / '0.tif'))
+    assert ids.shape == (64, 64) and set(np.unique(ids)) <= {0, 1}
+    with pytest.raises(DataError, match=r'has 3 band\(s\), but the model takes 4 \(data.channels\)'):
+        mic_eval.predict(model, np.zeros((64, 64, 3), np.uint8))
+
+
 # --------------------------------------------------------------------------
 # Prediction: predict() = the CLI, test-time augmentation, strips
 # --------------------------------------------------------------------------
