@@ -1065,6 +1065,7 @@ def check_data(cfg, stats_images=0):
     if label is not None:
         read_label(label, class_table(data))
     read_image(source[0][0], bands.channels)
+    read_label(source[0][1], class_table(data))  # (unconverted raw labels stop here, not in training)
     model = cfg.get('model') if 'data' in cfg else None
     if model is not None and model.get('type') == 'hrda':
         out['lines'].append(f'crops: data.crop_size {crop}, detail crop model.hrda.hr_crop_size '

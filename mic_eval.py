@@ -21,6 +21,12 @@ benchmark servers, and predictions on any folder of images.
         prediction) and OUT/<stem>_overlay.png (prediction blended over the image); no labels needed.
         Other files in the folder are listed and skipped; an unreadable image stops the run unless
         --skip-unreadable is given (then such images are skipped and listed at the end)
+    python mic_eval.py --ckpt work_dirs/toy/latest.pth --images photos/ --out photos_pred/ --format ids \
+            [--id-map data/toy/map.yaml] [--save-confidence]
+        --format color|overlay|ids|all: OUT/<stem>_pred.png, _overlay.png, _ids.png (8-bit train ids, or
+        the label values of a convert_labels.py mapping file with --id-map); --save-confidence adds
+        OUT/<stem>_conf.png (top class probability x 255). Memory stays bounded on large photos: the
+        scores stay at the test scale and the ids are upsampled in strips of rows
     torchrun --standalone --nproc_per_node=4 mic_eval.py --ckpt work_dirs/gta2cs/latest.pth
         the same on 4 GPUs: rank r evaluates images r, r+4, ...; the confusion matrices are summed
     python mic_eval.py --ckpt ... --amp bf16 --opt model.test.stride=[768,768]
@@ -38,6 +44,15 @@ on stderr and exit status 2.
 metrics.json (written atomically, only after the whole split was evaluated) holds mIoU, the
 per-class IoU (null for classes absent from both labels and predictions), aAcc and mIoU16, all in
 percent, and num_images, num_pixels, checkpoint, config, split, dataset_type, dataset_root.
+
+Python inference (the same computation as --images; ids equal its _ids.png):
+
+    model = load_model('work_dirs/toy/latest.pth')        # config from the checkpoint (or cfg=...)
+    ids = predict(model, 'photo.jpg')                     # numpy [H,W] uint8; also PIL, arrays, tensors
+    ids, probs = predict(model, img, return_probs=True, flip=True, scales=[0.75, 1.0])
+
+Test-time augmentation (model.test.flip, model.test.scales) applies to evaluation and prediction:
+probabilities averaged over the passes (model_scores).
 
 Library use (mic_train.py's periodic evaluation):
 
