@@ -48,14 +48,14 @@ import re
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from mic_data import CS_ID_TO_TRAIN_ID, IGNORE_INDEX, SYNTHIA_ID_TO_TRAIN_ID, id_lut, save_png, scan_files
+from mic_data import (CS_ID_TO_TRAIN_ID, IGNORE_INDEX, SYNTHIA_ID_TO_TRAIN_ID, TRAIN_ID_SUFFIX, id_lut, save_png,
+                      scan_files)
+from mic_report import progress_bar
 from mic_runtime import DataError, exit_error, is_temp_file, save_json
 from png16 import read_png, read_png_size
 
 NUM_CLASSES = 19
-TRAIN_ID_SUFFIX = '_labelTrainIds.png'
 
 # --------------------------------------------------------------------------
 # Converting one file
@@ -207,9 +207,9 @@ def convert_dataset(kind, root, nproc=1, progress=True, force=False):
     if nproc > 1:
         chunk = max(1, min(16, len(tasks) // (4 * nproc)))
         with multiprocessing.get_context('spawn').Pool(nproc) as pool:
-            results = list(tqdm(pool.imap(_convert_task, tasks, chunksize=chunk), **bar))
+            results = list(progress_bar(pool.imap(_convert_task, tasks, chunksize=chunk), **bar))
     else:
-        results = [_convert_task(t) for t in tqdm(tasks, **bar)]
+        results = [_convert_task(t) for t in progress_bar(tasks, **bar)]
     stats = []
     for (_, dst, counted), (counts, _, _) in zip(files, results):
         if counted:
@@ -534,9 +534,9 @@ def convert_folder(root, label_suffix, img_suffix='.png', img_dir=None, label_di
     if nproc > 1:
         chunk = max(1, min(16, len(tasks) // (4 * nproc)))
         with multiprocessing.get_context('spawn').Pool(nproc) as pool:
-            results = list(tqdm(pool.imap(_convert_folder_task, tasks, chunksize=chunk), **bar))
+            results = list(progress_bar(pool.imap(_convert_folder_task, tasks, chunksize=chunk), **bar))
     else:
-        results = [_convert_folder_task(t) for t in tqdm(tasks, **bar)]
+        results = [_convert_folder_task(t) for t in progress_bar(tasks, **bar)]
     unknown, unknown_files = {}, []
     for (_, src, _, _, _), r in zip(tasks, results):
         for v, n in r.get('unknown', {}).items():

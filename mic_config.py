@@ -31,7 +31,7 @@ from mic_classes import CLASS_PRESETS, ClassesConfig, ClassesError, follow_class
 _hints = typing.get_type_hints  # a dataclass's field types
 
 
-def num(default, n=None, **bounds):
+def num(default, n=None, added=False, **bounds):
     """A field of numbers allowed only within `bounds` (ge, gt, le, lt: >=, >, <=, < a number); with n, a
     list of n of them. Its metadata 'range' = (holds(v), the range as text, n) is read by _check_ranges."""
     signs = {'ge': '>=', 'gt': '>', 'le': '<=', 'lt': '<'}
@@ -41,6 +41,8 @@ def num(default, n=None, **bounds):
         text = f'in {"[" if lo_op == "ge" else "("}{lo:g}, {hi:g}{"]" if hi_op == "le" else ")"}'
     holds = lambda v: all(getattr(operator, op)(v, b) for op, b in bounds.items())  # noqa: E731
     meta = {'range': (holds, text, n)} if bounds else {}
+    if added:
+        meta['added'] = True
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -54,8 +56,8 @@ def _section(cls, **values):
     return field(default_factory=lambda: cls(**{k: list(v) if isinstance(v, list) else v for k, v in values.items()}))
 
 
-def _added(default=None):  # a key added after the first release: stored() leaves it out at its default
-    return field(default=default, metadata={'added': True})
+def _added(default=None, n=None, **bounds):  # a key added after the first release: stored() omits it at its default
+    return num(default, n, added=True, **bounds)
 
 
 # --- model: mic_model.build_model(cfg.model) ------------------------------------------------------
@@ -106,6 +108,10 @@ class TestConfig:
     mode: Literal['slide', 'whole'] = 'slide'  # test-time inference on windows or on the whole image
     crop_size: List[int] = num([1024, 1024], ge=1, n=2)  # sliding window (h, w)
     stride: List[int] = num([512, 512], ge=1, n=2)  # sliding stride (h, w)
+    # test-time augmentation (mic_eval): class probabilities averaged over these input scales (relative to the
+    # test scale) and, with flip, their mirror images; [1.0] and no flip = one pass, as the paper evaluates
+    flip: bool = _added(False)
+    scales: List[float] = _added([1.0], gt=0)
 
 
 @dataclass
@@ -121,6 +127,7 @@ class ModelConfig:
     # ResNet-V1c: OpenMMLab's pretrained/resnet101_v1c-e67eebb6.pth or pretrained/resnet50_v1c-2cccc1ad.pth
     pretrained: Optional[str] = 'pretrained/mit_b5.pth'
     activation_checkpointing: bool = False  # recompute encoder blocks in backward: less memory, more compute
+    in_channels: int = _added(3, ge=1, le=64)  # image bands the encoder takes; follows data.channels
 
 
 # --- data: mic_data (sizes are (h, w) pairs in pixels, scales (long side, short side)) ------------
@@ -178,7 +185,12 @@ class DataConfig:
     rcs: RCSConfig = _section(RCSConfig)
     demo: DemoConfig = _section(DemoConfig)
     batch_size: int = num(2, ge=1)  # source and target images per GPU and iteration
-    num_workers: int = num(4, ge=0)  # data-loader worker processes per GPU
+    num_workers: int = num(4, ge=0)  # data-loader worker processes per GPU (at most the usable CPU cores start)
+    # image bands: 3 = RGB; 4 = e.g. RGB + near infrared (RGBA PNG/TIFF); any number as .npy [H,W,C]
+    channels: int = _added(3, ge=1, le=64)
+    # per-band normalisation (x - mean) / std of 0..255 values; null: ImageNet's RGB statistics (3 bands only)
+    mean: Optional[List[float]] = _added(None)
+    std: Optional[List[float]] = _added(None, gt=0)
 
 
 # --- uda: the self-training method (mic_train) ----------------------------------------------------
@@ -466,12 +478,33 @@ def _check_hrda(model, train_input, min_input):
 
 
 # --- resolving, loading, storing ------------------------------------------------------------------
-def _complete(cfg):
-    """A merged plain config with data.classes resolved, and what follows from it where null (in place)."""
+def _complete(cfg, bands=True):
+    """A merged plain config with data.classes resolved, and what follows from it where null (in place);
+    bands=False: model.in_channels stands on its own (a model section resolved without its data)."""
     try:
-        return follow_classes(cfg)
+        follow_classes(cfg)
     except ClassesError as e:
         raise ConfigError(str(e)) from None
+    return _complete_bands(cfg) if bands else cfg
+
+
+def _complete_bands(cfg):
+    """model.in_channels follows data.channels; data.mean / data.std give one value per band (in place)."""
+    data, model = cfg['data'], cfg['model']
+    if model['in_channels'] == 3:
+        model['in_channels'] = data['channels']
+    elif model['in_channels'] != data['channels']:
+        raise _bad('model.in_channels', f"{model['in_channels']} disagrees with data.channels {data['channels']}: "
+                   f'leave model.in_channels out (it follows data.channels)')
+    n = data['channels']
+    for key in ('mean', 'std'):
+        if data[key] is None and n != 3:
+            raise _bad(f'data.{key}', f'{n} bands (data.channels) need one {key} per band, of 0..255 values: '
+                       f'ImageNet\'s RGB ones, then those of your extra bands (python mic_data.py check CFG '
+                       f'prints them); only RGB has a default')
+        if data[key] is not None and len(data[key]) != n:
+            raise _bad(f'data.{key}', f'{len(data[key])} values for {n} bands (data.channels)')
+    return cfg
 
 
 def _resolve(cfg, updates):
@@ -494,7 +527,8 @@ def resolve_section(name, values):
     cls = _hints(Config)[name]
     if validated(values, cls):
         return values
-    section = _complete(_merge_section(Config, dataclasses.asdict(Config()), {name: to_plain(values or {})}, ''))[name]
+    tree = _merge_section(Config, dataclasses.asdict(Config()), {name: to_plain(values or {})}, '')
+    section = _complete(tree, bands=name != 'model')[name]
     _check_ranges(section, cls, name)
     if name == 'model':
         _check_model(section)
@@ -506,6 +540,8 @@ def merge(cfg, *updates):
     out, updates = to_plain(cfg), [to_plain(u) for u in updates]
     if any(isinstance(u.get('data'), dict) and 'classes' in u['data'] for u in updates):
         out['model']['num_classes'] = out['uda']['fd_classes'] = None
+    if any(isinstance(u.get('data'), dict) and 'channels' in u['data'] for u in updates):
+        out['model']['in_channels'] = 3  # the default: follows the new data.channels
     return _resolve(out, updates)
 
 
@@ -529,7 +565,8 @@ def stored(cfg):
     """The config written to run folders and checkpoints: plain, without _added keys at their default."""
     def drop(tree, cls):
         for f in dataclasses.fields(cls):
-            if f.metadata.get('added') and f.name in tree and tree[f.name] == f.default:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if f.metadata.get('added') and f.name in tree and tree[f.name] == default:
                 del tree[f.name]
             elif isinstance(tree.get(f.name), dict) and dataclasses.is_dataclass(_hints(cls)[f.name]):
                 drop(tree[f.name], _hints(cls)[f.name])

@@ -29,15 +29,17 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mic_classes import (CLASSES, CS_ID_COLOURS, CS_ID_TO_TRAIN_ID, IGNORE_INDEX, PALETTE,  # noqa: F401 (re-exported)
                          SYNTHIA_CLASS_NAMES, SYNTHIA_CLASSES, SYNTHIA_ID_TO_TRAIN_ID, TRAIN_ID_TO_CS_ID, ClassTable,
                          class_table, colorize, id_lut)
 from mic_config import ConfigError, DatasetConfig, resolve_section, validated
-from mic_runtime import DataError, OutputError, atomic_write, exit_error, is_temp_file, make_dirs  # noqa: F401 (re-exported)
+from mic_runtime import (DataError, OutputError, atomic_write, exit_error, is_temp_file, make_dirs,  # noqa: F401
+                         usable_cores)  # (DataError, OutputError re-exported)
 
 # The classes, their colours and the label-id tables are in mic_classes (re-exported above).
+TRAIN_ID_SUFFIX = '_labelTrainIds.png'  # what convert_labels.py writes: <label name minus its suffix> + this
 IMG_MEAN = (123.675, 116.28, 103.53)  # ImageNet statistics, RGB, 0..255
 IMG_STD = (58.395, 57.12, 57.375)
 
@@ -61,26 +63,95 @@ def _open_image(path, what):
 _16BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # Pillow's modes of 16-bit grayscale images
 
 
-def read_image(path):
-    """An image file -> uint8 [H,W,3] RGB (grayscale, palette and RGBA images are converted).
+NPY_EXTENSION = '.npy'  # images of any number of bands: numpy arrays [H,W,C] (or [H,W]), uint8 or uint16
 
-    16-bit images are scaled to 8 bits by keeping the high byte of each sample: Pillow does so itself
-    for 16-bit RGB(A) PNGs; 16-bit grayscale (modes I;16 / I) is done here (Pillow's conversion
-    would clip every value above 255 to white).
-    """
-    img = _open_image(path, 'image')
+
+def _exif_upright(img):
+    """The image as it is meant to be seen: cameras store portrait photos landscape with an EXIF
+    Orientation tag (6: rotate 90 degrees clockwise, ...), which Pillow does not apply by itself."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)  # cheap: the header is parsed already
+    except (OSError, ValueError, SyntaxError):  # a damaged EXIF block: the pixels are still good
+        return img
+    return ImageOps.exif_transpose(img) if orientation != 1 else img
+
+
+def _to_8bit(array, path):
+    """uint8 or uint16 samples -> uint8 (16 bits: the high byte, as Pillow does for 16-bit RGB PNGs)."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.uint16 or (array.dtype.kind in 'iu' and array.min(initial=0) >= 0
+                                    and array.max(initial=0) <= 65535):
+        return (array.astype(np.uint16) >> 8).astype(np.uint8)
+    raise DataError(f'image {path} holds {array.dtype} values ({array.min()}..{array.max()}), not 8- or 16-bit '
+                    f'samples; save it as uint8 (or uint16)')
+
+
+def _read_npy(path):
+    """A .npy image -> uint8 [H,W,C]."""
+    if not os.path.isfile(path):
+        raise DataError(f'image {path} does not exist')
+    try:
+        array = np.load(path, mmap_mode='r', allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f'cannot read image {path}: {e}. Save N-band images with numpy.save as [H,W,C] uint8') from None
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] > 64:
+        raise DataError(f'image {path} has shape {array.shape}; .npy images must be [H,W,C] (bands last)')
+    return np.array(_to_8bit(np.asarray(array), path))
+
+
+def _pil_bands(img, path):
+    """A Pillow image -> uint8 [H,W,C] with its own bands (grayscale 1, RGB 3, RGBA and RGBX 4)."""
     if img.mode in _16BIT_MODES:
         grey = np.asarray(img)
         if grey.min(initial=0) < 0 or grey.max(initial=0) > 65535:
             raise DataError(f'image {path} holds 32-bit values ({grey.min()}..{grey.max()}), not an 8- or 16-bit '
                             f'image; convert it to an 8-bit RGB PNG or JPEG')
-        return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)
+        return _to_8bit(grey, path)[..., None]
     if img.mode == 'F':
         raise DataError(f'image {path} holds floating-point values (mode F), not an 8- or 16-bit image; '
                         f'convert it to an 8-bit RGB PNG or JPEG')
-    if img.mode != 'RGB':
+    if img.mode in ('1', 'LA'):  # (LA: grayscale with transparency)
+        img = img.convert('L')
+    elif img.mode not in ('L', 'RGB', 'RGBA', 'RGBX'):  # palette, CMYK, YCbCr, ...: their colours
         img = img.convert('RGB')
-    return np.array(img)  # a writable copy (torch.from_numpy warns on read-only arrays)
+    array = np.array(img)  # a writable copy (torch.from_numpy warns on read-only arrays)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def image_bands(array, channels, path):
+    """uint8 [H,W,C] -> [H,W,channels]. Grayscale becomes RGB for 3 bands (as always); a PNG's or
+    JPEG's 4th band is, by their specifications, transparency and dropped for 3 bands; every other
+    mismatch between the file's bands and data.channels is refused, naming both."""
+    have = array.shape[2]
+    if have == channels:
+        return array
+    if channels == 3 and have == 1:
+        return np.repeat(array, 3, axis=2)
+    if channels == 3 and have == 4 and not path.lower().endswith(('.tif', '.tiff', NPY_EXTENSION)):
+        return np.ascontiguousarray(array[..., :3])
+    raise DataError(f'image {path} has {have} band(s), but the model takes {channels} (data.channels): a '
+                    f'{"3" if channels == 3 else channels}-band model cannot use this image. Give images of '
+                    f'{channels} bands, or train a model for {have} bands (data.channels: {have} with data.mean '
+                    f'and data.std of {have} values)')
+
+
+def read_image(path, channels=3):
+    """An image file -> uint8 [H,W,channels] (default 3: RGB), upright (EXIF orientation applied).
+
+    Reads what Pillow reads (PNG, JPEG, TIFF, BMP; grayscale, palette, RGB, RGBA) and .npy arrays
+    [H,W,C] for any number of bands. channels=3: grayscale and palette images become RGB, the alpha
+    band of an RGBA PNG/JPEG is dropped (transparency); other band counts than `channels` raise
+    DataError (image_bands). 16-bit samples are scaled to 8 bits by keeping their high byte: Pillow
+    does so itself for 16-bit RGB(A) PNGs; 16-bit grayscale (modes I;16 / I) is done here (Pillow's
+    conversion would clip every value above 255 to white).
+    """
+    if path.lower().endswith(NPY_EXTENSION):
+        return image_bands(_read_npy(path), channels, path)
+    img = _exif_upright(_open_image(path, 'image'))
+    return image_bands(_pil_bands(img, path), channels, path)
 
 
 def read_label(path, classes=None):
@@ -185,6 +256,7 @@ def list_samples(ds_cfg, split=None, need_labels=None):
     split: overrides ds_cfg['split'] (gta and synthia have a single split and ignore it).
     need_labels: when True, a missing label raises DataError naming the first image without one;
         when False, the label path is None where no label exists. Default: True except for split 'test'.
+    Folder datasets: see folder_samples.
     """
     cfg = dataset_config(ds_cfg)
     kind, root = cfg['type'], cfg['root']
@@ -195,31 +267,20 @@ def list_samples(ds_cfg, split=None, need_labels=None):
     if not os.path.isdir(root):
         raise DataError(f'dataset root {root} ({kind}) does not exist; expected {layout}')
     if kind == 'folder':
-        img_dir = os.path.join(root, cfg['img_dir']) if cfg.get('img_dir') else root
-        lbl_dir = os.path.join(root, cfg['label_dir']) if cfg.get('label_dir') else img_dir
-        img_suffix, lbl_suffix, recursive, raw_suffix = cfg['img_suffix'], cfg['label_suffix'], True, None
-        if lbl_suffix is None and need_labels:
-            raise DataError(f'folder dataset {root} has no labels: set label_suffix in its config '
-                            f'(label = image name with {img_suffix!r} replaced by label_suffix)')
-    else:
-        img_sub, lbl_sub, img_suffix, lbl_suffix, recursive, raw_suffix = _LAYOUTS[kind]
-        img_dir = os.path.join(root, img_sub.format(split=split))
-        lbl_dir = os.path.join(root, lbl_sub.format(split=split))
+        return folder_samples(cfg, need_labels)
+    img_sub, lbl_sub, img_suffix, lbl_suffix, recursive, raw_suffix = _LAYOUTS[kind]
+    img_dir = os.path.join(root, img_sub.format(split=split))
+    lbl_dir = os.path.join(root, lbl_sub.format(split=split))
     if not os.path.isdir(img_dir):
         raise DataError(f'{kind} image folder {img_dir} does not exist; expected {layout}')
     images = scan_files(img_dir, img_suffix, recursive)
-    if lbl_suffix is not None and lbl_suffix.endswith(img_suffix):
+    if lbl_suffix.endswith(img_suffix):
         images = [p for p in images if not p.endswith(lbl_suffix)]  # labels sit beside the images
-    if kind == 'folder' and lbl_dir != img_dir and _inside(lbl_dir, img_dir):
-        images = [p for p in images if not _inside(p, lbl_dir)]  # a label folder inside the image folder
     if not images:
         raise DataError(f'no images ending with {img_suffix!r} under {img_dir}; expected {layout}')
-    if lbl_suffix is None:
-        return [(p, None) for p in images]
 
     def label_of(img_path):
-        rel = os.path.relpath(img_path, img_dir)
-        return os.path.join(lbl_dir, rel[:-len(img_suffix)] + lbl_suffix)
+        return os.path.join(lbl_dir, os.path.relpath(img_path, img_dir)[:-len(img_suffix)] + lbl_suffix)
 
     if not os.path.isdir(lbl_dir):
         if need_labels:
@@ -231,25 +292,117 @@ def list_samples(ds_cfg, split=None, need_labels=None):
         return [(p, lbl if lbl in existing else None) for p, lbl in samples]
     for p, lbl in samples:
         if lbl not in existing:
-            raw = label_of(p)[:-len(lbl_suffix)] + raw_suffix if raw_suffix else None
+            raw = lbl[:-len(lbl_suffix)] + raw_suffix if raw_suffix else None
             if raw and os.path.isfile(raw):
                 raise DataError(f'{kind} labels in {lbl_dir} are not converted to train ids ({raw} has no '
                                 f'{lbl}): run `python convert_labels.py {kind} {root}`')
-            if kind == 'folder':
-                raise DataError(f'image {p} has no label: expected {lbl} ({len(images)} images, {len(existing)} '
-                                f'labels ending with {lbl_suffix!r} under {lbl_dir}). Labels of raw ids or colours '
-                                f'are converted by `python convert_labels.py folder {root} --label-suffix SUFFIX '
-                                f'--id-map MAP.yaml`, which writes the *_labelTrainIds.png files; raw labels must '
-                                f'not look like images: keep them in a label_dir or give them another suffix')
             raise DataError(f'image {p} has no label: expected {lbl} (layout: {layout})')
-    if kind == 'folder':
-        orphans = sorted(existing - {lbl for _, lbl in samples})
-        if orphans:
-            raise DataError(f'{len(orphans)} label(s) under {lbl_dir} have no image ({len(images)} images, '
-                            f'{len(existing)} labels), e.g. {orphans[0]}: expected its image at '
-                            f'{_image_of(orphans[0], lbl_dir, img_dir, lbl_suffix, img_suffix)}; remove the label '
-                            f'or add the image (check img_suffix, img_dir and label_dir)')
     return samples
+
+
+def _folder_dirs(cfg):
+    """(image folder, label folder) of a folder dataset (the label folder is the image folder when
+    the labels lie beside the images)."""
+    img_dir = os.path.join(cfg['root'], cfg['img_dir']) if cfg.get('img_dir') else cfg['root']
+    lbl_dir = os.path.join(cfg['root'], cfg['label_dir']) if cfg.get('label_dir') else img_dir
+    return os.path.normpath(img_dir), os.path.normpath(lbl_dir)
+
+
+def folder_convert_command(cfg, id_map='MAP.yaml'):
+    """The convert_labels.py command of a folder dataset, with its folders and suffixes as configured."""
+    cmd = f'python convert_labels.py folder {cfg["root"]}'
+    if cfg.get('img_dir'):
+        cmd += f' --img-dir {cfg["img_dir"]}'
+    if cfg.get('label_dir'):
+        cmd += f' --label-dir {cfg["label_dir"]}'
+    if cfg['img_suffix'] != '.png':
+        cmd += f' --img-suffix {cfg["img_suffix"]}'
+    raw = cfg['label_suffix'] if cfg['label_suffix'] and cfg['label_suffix'] != TRAIN_ID_SUFFIX else 'SUFFIX'
+    return cmd + f' --label-suffix {raw} --id-map {id_map}'
+
+
+def _folder_images(cfg, img_dir, lbl_dir):
+    """The images of a folder dataset: files ending with img_suffix, without the labels where those
+    lie among them (beside the images, or in a label folder inside the image folder)."""
+    img_suffix, lbl_suffix = cfg['img_suffix'], cfg['label_suffix']
+    if lbl_suffix is not None and lbl_dir == img_dir and lbl_suffix == img_suffix:
+        raise DataError(f'folder dataset {cfg["root"]}: images and labels lie in one folder ({img_dir}) with one '
+                        f'suffix {img_suffix!r}, so they cannot be told apart: give the labels their own folder '
+                        f'(label_dir) or suffix (e.g. label_suffix: _mask.png)')
+    images = [p for p in scan_files(img_dir, img_suffix, True) if not p.endswith(TRAIN_ID_SUFFIX)]
+    if lbl_suffix is not None and lbl_dir == img_dir:
+        images = [p for p in images if not p.endswith(lbl_suffix)]
+    elif lbl_dir != img_dir and _inside(lbl_dir, img_dir):
+        images = [p for p in images if not _inside(p, lbl_dir)]
+    if not images:
+        raise DataError(f'no images ending with {img_suffix!r} under {img_dir}; expected '
+                        f'{_layout_help("folder", cfg["root"], cfg["split"])}')
+    return images
+
+
+def folder_samples(cfg, need_labels):
+    """[(image, label or None)] of a folder dataset (list_samples).
+
+    A label is the image's path relative to the image folder, under the label folder, with
+    img_suffix replaced by label_suffix. label_suffix may name the labels as they are (train ids)
+    or the raw labels given to convert_labels.py --label-suffix: where convert_labels.py has written
+    <name>_labelTrainIds.png beside them (TRAIN_ID_SUFFIX), those are the labels.
+    """
+    img_dir, lbl_dir = _folder_dirs(cfg)
+    if cfg['label_suffix'] is None and need_labels:
+        raise DataError(f'folder dataset {cfg["root"]} has no labels: set label_suffix in its config '
+                        f'(label = image name with {cfg["img_suffix"]!r} replaced by label_suffix)')
+    if not os.path.isdir(img_dir):
+        raise DataError(f'folder image folder {img_dir} does not exist; expected '
+                        f'{_layout_help("folder", cfg["root"], cfg["split"])}')
+    images = _folder_images(cfg, img_dir, lbl_dir)
+    if cfg['label_suffix'] is None:
+        return [(p, None) for p in images]
+    if not os.path.isdir(lbl_dir):
+        if need_labels:
+            raise DataError(f'folder label folder {lbl_dir} does not exist; expected '
+                            f'{_layout_help("folder", cfg["root"], cfg["split"])}')
+        return [(p, None) for p in images]
+    suffix = cfg['label_suffix']
+    files = scan_files(lbl_dir, '', True)
+    raw = {p for p in files if p.endswith(suffix) and (suffix.endswith(TRAIN_ID_SUFFIX) or not p.endswith(TRAIN_ID_SUFFIX))}
+    converted = {p for p in files if p.endswith(TRAIN_ID_SUFFIX)} if not suffix.endswith(TRAIN_ID_SUFFIX) else set()
+    stems = [os.path.join(lbl_dir, os.path.relpath(p, img_dir)[:-len(cfg['img_suffix'])]) for p in images]
+    if any(s + TRAIN_ID_SUFFIX in converted for s in stems):  # converted by convert_labels.py: read those
+        labels = [s + TRAIN_ID_SUFFIX if s + TRAIN_ID_SUFFIX in converted else None for s in stems]
+        unconverted = [s + suffix for s, lbl in zip(stems, labels) if lbl is None and s + suffix in raw]
+        if unconverted:
+            raise DataError(f'{len(unconverted)} label(s) under {lbl_dir} are not converted to train ids, e.g. '
+                            f'{unconverted[0]} (no {TRAIN_ID_SUFFIX} beside it, while other labels have one): run '
+                            f'`{folder_convert_command(cfg)}` again')
+        expected, known = [s + TRAIN_ID_SUFFIX for s in stems], converted
+    else:
+        labels = [s + suffix if s + suffix in raw else None for s in stems]
+        expected, known = [s + suffix for s in stems], raw
+    if not need_labels:
+        return list(zip(images, labels))
+    _check_folder_pairs(cfg, images, expected, known, lbl_dir)
+    return list(zip(images, expected))
+
+
+def _check_folder_pairs(cfg, images, expected, known, lbl_dir):
+    """DataError naming the first image without a label, or the first label without an image."""
+    img_dir = _folder_dirs(cfg)[0]
+    counts = f'{len(images)} images, {len(known)} labels'
+    for p, lbl in zip(images, expected):
+        if lbl not in known:
+            raise DataError(f'image {p} has no label: expected {lbl} ({counts} ending with '
+                            f'{cfg["label_suffix"]!r} '
+                            f'under {lbl_dir}). Labels of raw ids or colours '
+                            f'are converted by `{folder_convert_command(cfg)}`, which writes the '
+                            f'*{TRAIN_ID_SUFFIX} files that training reads (label_suffix may name either)')
+    orphans = sorted(known - set(expected))
+    if orphans:
+        suffix = TRAIN_ID_SUFFIX if orphans[0].endswith(TRAIN_ID_SUFFIX) and not \
+            cfg['label_suffix'].endswith(TRAIN_ID_SUFFIX) else cfg['label_suffix']
+        raise DataError(f'{len(orphans)} label(s) under {lbl_dir} have no image ({counts}), e.g. {orphans[0]}: '
+                        f'expected its image at {_image_of(orphans[0], lbl_dir, img_dir, suffix, cfg["img_suffix"])}; '
+                        f'remove the label or add the image (check img_suffix, img_dir and label_dir)')
 
 
 def _inside(path, folder):
@@ -362,10 +515,36 @@ def crop_flip(array, box, flip):
     return out[:, ::-1] if flip else out
 
 
-def normalize(img):
-    """uint8 [h,w,3] RGB -> float32 tensor [3,h,w], (x - IMG_MEAN) / IMG_STD."""
-    x = torch.from_numpy(np.require(img, requirements='CW')).permute(2, 0, 1).float()  # (3, h, w)
-    return x.sub_(torch.tensor(IMG_MEAN).view(3, 1, 1)).div_(torch.tensor(IMG_STD).view(3, 1, 1))
+def normalize(img, mean=IMG_MEAN, std=IMG_STD):
+    """uint8 [h,w,C] -> float32 tensor [C,h,w], (x - mean) / std per band (default: ImageNet's RGB)."""
+    x = torch.from_numpy(np.require(img, requirements='CW')).permute(2, 0, 1).float()  # (C, h, w)
+    return x.sub_(torch.tensor(mean).view(-1, 1, 1)).div_(torch.tensor(std).view(-1, 1, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Bands:
+    """The image bands of a task (data.channels, data.mean, data.std): how images are read and normalised."""
+    channels: int = 3
+    mean: tuple = IMG_MEAN
+    std: tuple = IMG_STD
+
+    @classmethod
+    def of(cls, data_cfg=None):
+        """The Bands of a data section (None, or a section without the keys: RGB with ImageNet's statistics)."""
+        if isinstance(data_cfg, Bands):
+            return data_cfg
+        data_cfg = data_cfg or {}
+        n = data_cfg.get('channels', 3)
+        mean, std = data_cfg.get('mean'), data_cfg.get('std')
+        if n != 3 and (mean is None or std is None):
+            raise DataError(f'{n} image bands need data.mean and data.std (one value per band)')
+        return cls(n, tuple(mean) if mean is not None else IMG_MEAN, tuple(std) if std is not None else IMG_STD)
+
+    def read(self, path):
+        return read_image(path) if self.channels == 3 else read_image(path, self.channels)
+
+    def normalize(self, img):
+        return normalize(img, self.mean, self.std)
 
 
 def pad_to(x, size, value):
@@ -381,6 +560,12 @@ def pad_to(x, size, value):
 # --------------------------------------------------------------------------
 
 def _convert_hint(kind, stats_dir):
+    """The command that writes a dataset's statistics; kind: the dataset type, or its config section
+    (folder datasets: the command with their folders and suffixes)."""
+    if isinstance(kind, dict):
+        if kind['type'] == 'folder':
+            return folder_convert_command(kind, 'MAP.yaml (or --num-classes K for labels of train ids)')
+        kind = kind['type']
     if kind == 'folder':
         return f'python convert_labels.py folder {stats_dir} --label-suffix SUFFIX --id-map MAP.yaml|--num-classes K'
     kind = kind if kind in ('gta', 'synthia', 'cityscapes') else '{gta,synthia,cityscapes}'
@@ -426,13 +611,13 @@ def rcs_class_probs(stats_json_path, temperature, kind=None):
 # Training data: UDA pairs of a source and a target crop
 # --------------------------------------------------------------------------
 
-def load_resized(img_path, label_path, img_scale, classes=None, exact=False):
-    """Image uint8 [h,w,3] and label uint8 [h,w] (or None) resized to fit img_scale.
+def load_resized(img_path, label_path, img_scale, classes=None, exact=False, channels=3):
+    """Image uint8 [h,w,channels] and label uint8 [h,w] (or None) resized to fit img_scale.
 
     classes: the ClassTable the label values are checked against (see read_label). exact: the label
     must have its image's size (folder datasets), not only its aspect ratio.
     """
-    img = read_image(img_path)
+    img = read_image(img_path) if channels == 3 else read_image(img_path, channels)
     size = rescale_size(img.shape[0], img.shape[1], img_scale)
     label = None
     if label_path is not None:
@@ -468,6 +653,7 @@ class UDADataset(torch.utils.data.Dataset):
         self.source = list_samples(src, need_labels=True)
         self.target = [img for img, _ in list_samples(tgt, need_labels=False)]
         self.crop_size = tuple(self.cfg['crop_size'])
+        self.bands = Bands.of(self.cfg)
         rcs = self.cfg['rcs']
         self.rcs_enabled = rcs['enabled']
         if self.rcs_enabled:
@@ -475,12 +661,12 @@ class UDADataset(torch.utils.data.Dataset):
 
     def _init_rcs(self, src, rcs):
         stats = os.path.join(src['root'], 'sample_class_stats.json')
-        classes, probs = rcs_class_probs(stats, rcs['temperature'], kind=src['type'])
+        classes, probs = rcs_class_probs(stats, rcs['temperature'], kind=src)
         K = self.classes.num_classes
         if max(classes) >= K:
             raise DataError(f'{stats} counts pixels of train id {max(classes)}, but data.classes has {K} classes '
                             f'(train ids 0..{K - 1}): statistics of other labels? re-run '
-                            f'`{_convert_hint(src["type"], src["root"])}`')
+                            f'`{_convert_hint(src, src["root"])}`')
         with_class = _load_stats_json(os.path.join(src['root'], 'samples_with_class.json'), src['type'])
         # stats name files by the path of the machine that wrote them: match on the label's basename,
         # or on as many trailing path parts as make the labels unique (folder datasets with subfolders)
@@ -497,7 +683,7 @@ class UDADataset(torch.utils.data.Dataset):
                     if name not in by_name:
                         raise DataError(f'{src["root"]}/samples_with_class.json lists {path}, which is not a '
                                         f'label of the dataset (stale statistics?): re-run '
-                                        f'`{_convert_hint(src["type"], src["root"])}`')
+                                        f'`{_convert_hint(src, src["root"])}`')
                     files.append(by_name[name])
             self.rcs_files[c] = files
         empty = [c for c in classes if not self.rcs_files[c]]
@@ -515,7 +701,8 @@ class UDADataset(torch.utils.data.Dataset):
 
     def _load_source(self, i):
         src = self.cfg['source']
-        return load_resized(*self.source[i], src['img_scale'], self.classes, exact=src['type'] == 'folder')
+        return load_resized(*self.source[i], src['img_scale'], self.classes, exact=src['type'] == 'folder',
+                            channels=self.bands.channels)
 
     def _source_crop(self, rng, img, label):
         box = crop_box_cat_max_ratio(rng, label, self.crop_size, self.cfg['cat_max_ratio'])
@@ -543,7 +730,8 @@ class UDADataset(torch.utils.data.Dataset):
 
     def _target(self, rng):
         tgt = self.cfg['target']
-        img, _ = load_resized(self.target[int(rng.integers(len(self.target)))], None, tgt['img_scale'])
+        img, _ = load_resized(self.target[int(rng.integers(len(self.target)))], None, tgt['img_scale'],
+                              channels=self.bands.channels)
         margins = tgt['crop_pseudo_margins']
         mask = margin_mask(img.shape[:2], margins) if margins else np.ones(img.shape[:2], np.uint8)
         box = random_crop_box(rng, img.shape[:2], self.crop_size)
@@ -555,9 +743,9 @@ class UDADataset(torch.utils.data.Dataset):
         src_img, src_label, rare_class = self._source(rng)
         tgt_img, tgt_mask = self._target(rng)
         out = {
-            'img': pad_to(normalize(src_img), self.crop_size, 0.0),  # (3, h, w)
+            'img': pad_to(self.bands.normalize(src_img), self.crop_size, 0.0),  # (C, h, w)
             'gt': pad_to(torch.from_numpy(src_label.copy())[None], self.crop_size, IGNORE_INDEX),  # (1, h, w)
-            'target_img': pad_to(normalize(tgt_img), self.crop_size, 0.0),
+            'target_img': pad_to(self.bands.normalize(tgt_img), self.crop_size, 0.0),
             'valid_pseudo_mask': pad_to(torch.from_numpy(tgt_mask.copy())[None], self.crop_size, 0),
             'rare_class': torch.tensor(rare_class, dtype=torch.int64),
         }
@@ -607,7 +795,7 @@ def build_train_loader(data_cfg, seed, rank=0, start_iter=0):
     the same DataError (see DataError).
     """
     dataset = UDADataset(data_cfg, seed, rank)
-    bs, workers = dataset.cfg['batch_size'], dataset.cfg['num_workers']
+    bs, workers = dataset.cfg['batch_size'], loader_workers(dataset.cfg['num_workers'])
     return torch.utils.data.DataLoader(
         dataset, batch_size=bs, sampler=InfiniteSampler(start=start_iter * bs), num_workers=workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=True,
@@ -622,23 +810,25 @@ class EvalDataset(torch.utils.data.Dataset):
     """Images at the test scale with their labels at the original size.
 
     ds_cfg: a dataset section (e.g. data.val, with its split). __getitem__(i) -> dict:
-    img float32 [3,h,w] normalised, resized to fit ds_cfg img_scale; label uint8 [H0,W0] or None;
-    ori_size (H0, W0); img_path; label_path (or None).
+    img float32 [C,h,w] normalised, resized to fit ds_cfg img_scale (eval_input); label uint8 [H0,W0]
+    or None; ori_size (H0, W0); img_path; label_path (or None).
     classes: a ClassTable (or data section) whose values the labels are checked against, its
     ignore_index read as 255; None: labels as they are.
+    bands: the image bands (Bands, or the data section; None: RGB with ImageNet's statistics).
     """
 
-    def __init__(self, ds_cfg, need_labels=True, classes=None):
+    def __init__(self, ds_cfg, need_labels=True, classes=None, bands=None):
         self.cfg = dataset_config(ds_cfg)
         self.samples = list_samples(self.cfg, need_labels=need_labels)
         self.classes = None if classes is None else class_table(classes)
+        self.bands = Bands.of(bands)
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         img_path, label_path = self.samples[i]
-        img = read_image(img_path)
+        img = self.bands.read(img_path)
         h0, w0 = img.shape[:2]
         label = None
         if label_path is not None:
@@ -647,9 +837,26 @@ class EvalDataset(torch.utils.data.Dataset):
                 raise DataError(f'label {label_path} is {label.shape[1]}x{label.shape[0]} but its image '
                                 f'{img_path} is {w0}x{h0}; labels must match their image size')
             label = torch.from_numpy(label)
-        img = resize_image(img, rescale_size(h0, w0, self.cfg['img_scale']))
-        return {'img': normalize(img), 'label': label, 'ori_size': (h0, w0),
+        return {'img': eval_input(img, self.cfg['img_scale'], self.bands), 'label': label, 'ori_size': (h0, w0),
                 'img_path': img_path, 'label_path': label_path}
+
+
+def eval_input(img, img_scale, bands=None):
+    """The test transform: uint8 [H0,W0,C] -> float32 [C,h,w] resized keeping the ratio to fit
+    img_scale, normalised (bands: Bands; None: ImageNet's RGB statistics)."""
+    img = resize_image(img, rescale_size(img.shape[0], img.shape[1], img_scale))
+    return Bands.of(bands).normalize(img)
+
+
+def display_rgb(img):
+    """uint8 [H,W,C] -> [H,W,3] for display: the first three bands (a grayscale band repeated)."""
+    return img[..., :3] if img.shape[2] >= 3 else np.repeat(img[..., :1], 3, axis=2)
+
+
+def loader_workers(num_workers):
+    """data.num_workers, at most the usable CPU cores: more processes than cores only wait for
+    each other (PyTorch warns about it)."""
+    return min(int(num_workers), usable_cores())
 
 
 def eval_collate(batch):
@@ -659,13 +866,143 @@ def eval_collate(batch):
 
 
 # --------------------------------------------------------------------------
+# Checking a task's data before training: check_data
+# --------------------------------------------------------------------------
+
+UPSCALE_WARNING = 1.5  # img_scale enlarging the images more than this: memory and time spent on nothing
+EXIF_SWAPS = (5, 6, 7, 8)  # EXIF orientations that turn the stored image by 90 degrees
+
+
+def image_size(path):
+    """(height, width) of an image as read_image gives it, from its header only (EXIF orientation applied)."""
+    if path.lower().endswith(NPY_EXTENSION):
+        try:
+            return tuple(np.load(path, mmap_mode='r', allow_pickle=False).shape[:2])
+        except (OSError, ValueError) as e:
+            raise DataError(f'cannot read image {path}: {e}') from None
+    try:
+        with Image.open(path) as img:  # lazy: the header only
+            w, h = img.size
+            turned = img.format in ('JPEG', 'TIFF', 'WEBP', 'PNG') and img.getexif().get(0x0112, 1) in EXIF_SWAPS
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f'cannot read image {path}: {e}. The file is corrupt or not an image') from None
+    return (w, h) if turned else (h, w)
+
+
+def label_size(path):
+    """(height, width) of a label PNG from its header (png16's 33-byte read; other formats via Pillow)."""
+    from png16 import read_png_size
+    try:
+        return read_png_size(path)
+    except DataError:
+        return image_size(path)
+
+
+def _size_text(sizes):
+    """'64x48' or '64x48 .. 2048x1024 (median 640x480)' of [(h, w)], as w x h."""
+    def wh(hw):
+        return f'{hw[1]}x{hw[0]}'
+    areas = sorted(sizes, key=lambda hw: hw[0] * hw[1])
+    if areas[0] == areas[-1]:
+        return wh(areas[0])
+    return f'{wh(areas[0])} .. {wh(areas[-1])} (median {wh(areas[len(areas) // 2])})'
+
+
+def _domain_report(name, ds, samples, crop, out):
+    """Image sizes of one domain, and warnings about its img_scale against them, into `out`."""
+    sizes = [image_size(p) for p, _ in samples]
+    resized = [rescale_size(h, w, ds['img_scale']) for h, w in sizes]
+    out['lines'].append(f'{name}: {len(samples)} images, {_size_text(sizes)}; img_scale {ds["img_scale"]} -> '
+                        f'{_size_text(resized)}')
+    (h, w), (rh, rw) = sizes[len(sizes) // 2], resized[len(resized) // 2]
+    if rh * rw > UPSCALE_WARNING ** 2 * h * w:
+        out['warnings'].append(
+            f'data.{name}.img_scale {ds["img_scale"]} enlarges the {name} images {rh / h:.1f}x (median {w}x{h} -> '
+            f'{rw}x{rh}): memory and time grow with the enlarged size while the images hold no more detail; '
+            f'set data.{name}.img_scale near their size, e.g. [{max(h, w)}, {min(h, w)}]')
+    if crop is not None and (min(r[0] for r in resized) < crop[0] or min(r[1] for r in resized) < crop[1]):
+        small = min(resized, key=lambda r: min(r[0] / crop[0], r[1] / crop[1]))
+        out['warnings'].append(
+            f'data.crop_size {crop} exceeds {name} images resized to fit img_scale (e.g. {small[1]}x{small[0]}): '
+            f'crops are padded (source labels ignore the padding); a crop_size within the resized images trains '
+            f'on more image per pixel of memory')
+    return sizes
+
+
+def _check_label_sizes(name, samples, sizes):
+    """DataError naming the first label whose size (PNG header) differs from its image's."""
+    for (img, label), (h, w) in zip(samples, sizes):
+        if label is not None:
+            lh, lw = label_size(label)
+            if (lh, lw) != (h, w):
+                raise DataError(f'{name} label {label} is {lw}x{lh} but its image {img} is {w}x{h}; a label '
+                                f'must have its image\'s size')
+
+
+def band_statistics(paths, channels):
+    """Per-band mean and std (0..255) over the pixels of the images at `paths`: what data.mean and
+    data.std take."""
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    count = 0
+    for path in paths:
+        x = read_image(path, channels).reshape(-1, channels).astype(np.float64)
+        total, squares, count = total + x.sum(0), squares + (x * x).sum(0), count + len(x)
+    mean = total / count
+    return mean.round(3).tolist(), np.sqrt(np.maximum(squares / count - mean * mean, 0)).round(3).tolist()
+
+
+def check_data(cfg, stats_images=0):
+    """Check a config's data before training, quickly (image and label sizes from the file headers).
+
+    Raises DataError (naming the path) for what would stop training: a missing folder, an image
+    without its label, a label of another size than its image, a val split that does not list or
+    open. Returns {'lines': [the report], 'warnings': [soft problems: crops larger than the images,
+    img_scale enlarging the images, ...]}. stats_images: also the per-band mean and std of that many
+    source images (for data.mean / data.std).
+    """
+    data = cfg['data'] if 'data' in cfg else cfg
+    out = {'lines': [], 'warnings': []}
+    bands = Bands.of(data)
+    crop = list(data['crop_size'])
+    source = list_samples(data['source'], need_labels=True)
+    sizes = _domain_report('source', data['source'], source, crop, out)
+    _check_label_sizes('source', source, sizes)
+    _domain_report('target', data['target'], list_samples(data['target'], need_labels=False), crop, out)
+    val = data['val']
+    labelled = has_labels(val)
+    val_samples = list_samples(val, need_labels=labelled)
+    val_sizes = _domain_report('val', val, val_samples, None, out)
+    if labelled:
+        _check_label_sizes('val', val_samples, val_sizes)
+    first, label = val_samples[0]
+    read_image(first, bands.channels)  # the val split opens (and has the bands of the model)
+    if label is not None:
+        read_label(label, class_table(data))
+    read_image(source[0][0], bands.channels)
+    read_label(source[0][1], class_table(data))  # (unconverted raw labels stop here, not in training)
+    model = cfg.get('model') if 'data' in cfg else None
+    if model is not None and model.get('type') == 'hrda':
+        out['lines'].append(f'crops: data.crop_size {crop}, detail crop model.hrda.hr_crop_size '
+                            f'{list(model["hrda"]["hr_crop_size"])}, context {model["hrda"]["scales"][0]:g}x')
+    else:
+        out['lines'].append(f'crops: data.crop_size {crop}')
+    if stats_images:
+        mean, std = band_statistics([p for p, _ in source[:stats_images]], bands.channels)
+        out['lines'].append(f'per-band mean and std of {min(stats_images, len(source))} source images '
+                            f'(data.mean, data.std): {mean} {std}')
+    return out
+
+
+# --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
 
-def _denormalize(x):
-    """float32 tensor [3,h,w] normalised -> uint8 [h,w,3]."""
-    mean, std = torch.tensor(IMG_MEAN).view(3, 1, 1), torch.tensor(IMG_STD).view(3, 1, 1)
-    return (x * std + mean).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+def _denormalize(x, bands=None):
+    """float32 tensor [C,h,w] normalised -> uint8 [h,w,3] (the first three bands)."""
+    bands = Bands.of(bands)
+    mean, std = torch.tensor(bands.mean).view(-1, 1, 1), torch.tensor(bands.std).view(-1, 1, 1)
+    return display_rgb((x * std + mean).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
 def _show(args):
@@ -677,8 +1014,8 @@ def _show(args):
     for k in range(args.num):
         s = dataset[k]
         mask = np.repeat(s['valid_pseudo_mask'][0].numpy()[..., None] * 255, 3, axis=2)
-        strip = np.concatenate([_denormalize(s['img']), classes.colorize(s['gt'][0].numpy()),
-                                _denormalize(s['target_img']), mask], axis=1)
+        strip = np.concatenate([_denormalize(s['img'], dataset.bands), classes.colorize(s['gt'][0].numpy()),
+                                _denormalize(s['target_img'], dataset.bands), mask], axis=1)
         path = os.path.join(args.out, f'sample_{k:03d}.png')
         save_png(path, strip)
         rare = int(s['rare_class'])
@@ -694,11 +1031,46 @@ def main(argv=None):
     p.add_argument('--opt', nargs='+', default=[], metavar='KEY=VALUE', help='config overrides')
     p.add_argument('--num', type=int, default=4, help='number of samples')
     p.add_argument('--out', default='/tmp/mic_show', help='output folder')
+    c = sub.add_parser('check', help='check the data of a config before training: image and label sizes, '
+                                     'crops against them, the val split; per-band statistics')
+    c.add_argument('cfg', help='YAML config, e.g. my_task.yaml')
+    c.add_argument('--opt', nargs='+', default=[], metavar='KEY=VALUE', help='config overrides')
+    c.add_argument('--stats', type=int, default=20, metavar='N',
+                   help='per-band mean and std of N source images (data.mean, data.std; 0: none)')
     args = parser.parse_args(argv)
     try:
-        _show(args)
+        _show(args) if args.command == 'show' else _check(args)
     except (DataError, ConfigError) as e:
         exit_error(e)
+
+
+def _check(args):
+    from mic_config import load_config
+    try:
+        cfg = load_config(args.cfg, args.opt)
+    except ConfigError as e:  # bands without their statistics yet: measure them, with placeholders meanwhile
+        if "'data.mean'" not in str(e) and "'data.std'" not in str(e):
+            raise
+        n = _config_channels(args.cfg, args.opt)
+        cfg = load_config(args.cfg, [*args.opt, f'data.mean={[0] * n}', f'data.std={[1] * n}'])
+        print(f'note: {e}; measuring them below')
+    report = check_data(cfg, stats_images=args.stats)
+    for line in report['lines']:
+        print(line)
+    for text in report['warnings']:
+        print(f'warning: {text}')
+    n = len(report['warnings'])
+    print('data check passed' + (f' with {n} warning(s)' if n else ''))
+
+
+def _config_channels(path, overrides):
+    """data.channels of a YAML file and its overrides, read without validating the rest."""
+    from mic_config import parse_override, read_yaml
+    channels = ((read_yaml(path, f'config file {path}') or {}).get('data') or {}).get('channels', 3)
+    for text in overrides:
+        key, value = parse_override(text)
+        channels = value if key == 'data.channels' else channels
+    return int(channels)
 
 
 if __name__ == '__main__':

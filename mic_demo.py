@@ -1,7 +1,7 @@
 """The synthetic demo benchmark: street scenes in the raw GTA and Cityscapes on-disk formats.
 
-    python mic_demo.py data/demo [--seed 0] [--nproc 2]
-        writes data/demo/gta (GTA-format source: images/*.png, palette labels with Cityscapes ids)
+    python mic_demo.py data/demo [--seed 0] [--nproc 2] [--cfg configs/demo.yaml]
+        writes, with the sizes and seed of configs/demo.yaml's data.demo (256x128 scenes), data/demo/gta (GTA-format source: images/*.png, palette labels with Cityscapes ids)
         and data/demo/cityscapes (Cityscapes-format target, train + val, *_gtFine_labelIds.png),
         then converts both halves to train ids (convert_labels.py) and writes their RCS statistics
 
@@ -702,11 +702,28 @@ def ensure_demo_data(demo_cfg, log=print):
         log(f'demo data ready in {root} ({time.time() - t:.0f} s)')
 
 
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'demo.yaml')
+
+
+def _cli_defaults(argv):
+    """The data.demo section of --cfg (default configs/demo.yaml), so that the files written here are
+    the ones that config trains on (its sizes differ from the schema's defaults)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--cfg', default=DEMO_CONFIG)
+    path = pre.parse_known_args(argv)[0].cfg
+    if not os.path.isfile(path):
+        return _DEFAULTS, path
+    from mic_config import load_config
+    return DemoConfig(**load_config(path).data.demo), path
+
+
 def main(argv=None):
-    d = _DEFAULTS
+    d, cfg_path = _cli_defaults(argv)
     parser = argparse.ArgumentParser(description='Write the synthetic demo benchmark (GTA + Cityscapes formats) '
                                                  'to ROOT and convert its labels to train ids.')
     parser.add_argument('root', help='output folder, e.g. data/demo')
+    parser.add_argument('--cfg', default=cfg_path, help='the config whose data.demo section gives the defaults '
+                                                        '(default configs/demo.yaml)')
     parser.add_argument('--seed', type=int, default=d.seed, help='the files are a pure function of the seed and sizes')
     parser.add_argument('--num-source', type=int, default=d.num_source, help='source (GTA-format) images')
     parser.add_argument('--num-target', type=int, default=d.num_target, help='target (Cityscapes-format) train images')

@@ -21,6 +21,12 @@ benchmark servers, and predictions on any folder of images.
         prediction) and OUT/<stem>_overlay.png (prediction blended over the image); no labels needed.
         Other files in the folder are listed and skipped; an unreadable image stops the run unless
         --skip-unreadable is given (then such images are skipped and listed at the end)
+    python mic_eval.py --ckpt work_dirs/toy/latest.pth --images photos/ --out photos_pred/ --format ids \
+            [--id-map data/toy/map.yaml] [--save-confidence]
+        --format color|overlay|ids|all: OUT/<stem>_pred.png, _overlay.png, _ids.png (8-bit train ids, or
+        the label values of a convert_labels.py mapping file with --id-map); --save-confidence adds
+        OUT/<stem>_conf.png (top class probability x 255). Memory stays bounded on large photos: the
+        scores stay at the test scale and the ids are upsampled in strips of rows
     torchrun --standalone --nproc_per_node=4 mic_eval.py --ckpt work_dirs/gta2cs/latest.pth
         the same on 4 GPUs: rank r evaluates images r, r+4, ...; the confusion matrices are summed
     python mic_eval.py --ckpt ... --amp bf16 --opt model.test.stride=[768,768]
@@ -39,6 +45,15 @@ metrics.json (written atomically, only after the whole split was evaluated) hold
 per-class IoU (null for classes absent from both labels and predictions), aAcc and mIoU16, all in
 percent, and num_images, num_pixels, checkpoint, config, split, dataset_type, dataset_root.
 
+Python inference (the same computation as --images; ids equal its _ids.png):
+
+    model = load_model('work_dirs/toy/latest.pth')        # config from the checkpoint (or cfg=...)
+    ids = predict(model, 'photo.jpg')                     # numpy [H,W] uint8; also PIL, arrays, tensors
+    ids, probs = predict(model, img, return_probs=True, flip=True, scales=[0.75, 1.0])
+
+Test-time augmentation (model.test.flip, model.test.scales) applies to evaluation and prediction:
+probabilities averaged over the passes (model_scores).
+
 Library use (mic_train.py's periodic evaluation):
 
     metrics = evaluate(model, cfg.data.val, num_classes=cfg.model.num_classes, amp='bf16', synthia16=False,
@@ -51,17 +66,19 @@ the summed result. A caller that runs it on rank 0 only passes distributed=False
 """
 import argparse
 import collections
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
+import torch.nn.functional as F
 
 import mic_config
 import mic_data
 import mic_model
+import mic_report
 import mic_runtime
 from mic_config import ConfigError
 from mic_data import CLASSES, IGNORE_INDEX, SYNTHIA_CLASS_NAMES, DataError
@@ -69,6 +86,10 @@ from mic_model import CheckpointError
 from mic_runtime import exit_error, print0, setup_distributed
 
 EXPORT_FOLDERS = {'trainids': 'labelTrainIds', 'labelids': 'labelIds'}  # --format -> folder under OUT
+# --images --format: what is written per image, OUT/<name>_<suffix>.png (default: color and overlay)
+IMAGES_FORMATS = {'color': ('color',), 'overlay': ('overlay',), 'ids': ('ids',), 'all': ('color', 'overlay', 'ids')}
+IMAGES_SUFFIXES = {'color': '_pred.png', 'overlay': '_overlay.png', 'ids': '_ids.png', 'confidence': '_conf.png'}
+IMAGES_WORDS = {'color': 'colour predictions', 'overlay': 'overlays', 'ids': 'id masks', 'confidence': 'confidences'}
 OVERLAY_ALPHA = 0.5  # weight of the colour prediction in --images overlays
 
 
@@ -165,25 +186,25 @@ def format_table(metrics):
 # --------------------------------------------------------------------------
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Any images (png/jpg/bmp/tif, RGB, grayscale or RGBA, 8 or 16 bits) with the test transform of
-    EvalDataset: resize keeping the ratio to fit img_scale, normalise. Items like EvalDataset's,
-    label None. `skipped`: the other files of the folder (not images by their extension)."""
+    """Any images (png/jpg/bmp/tif/npy, RGB, grayscale or RGBA, 8 or 16 bits) with the test transform of
+    EvalDataset (mic_data.eval_input): resize keeping the ratio to fit img_scale, normalise. Items
+    like EvalDataset's, label None. `skipped`: the other files of the folder (not images by their
+    extension). bands: mic_data.Bands (None: RGB)."""
 
-    def __init__(self, folder, img_scale):
+    def __init__(self, folder, img_scale, bands=None):
         images, self.skipped = mic_data.scan_images(folder)
         self.samples = [(p, None) for p in images]
         self.img_scale = img_scale
+        self.bands = mic_data.Bands.of(bands)
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         path = self.samples[i][0]
-        img = mic_data.read_image(path)
-        h0, w0 = img.shape[:2]
-        img = mic_data.resize_image(img, mic_data.rescale_size(h0, w0, self.img_scale))
-        return {'img': mic_data.normalize(img), 'label': None, 'ori_size': (h0, w0),
-                'img_path': path, 'label_path': None}
+        img = self.bands.read(path)
+        return {'img': mic_data.eval_input(img, self.img_scale, self.bands), 'label': None,
+                'ori_size': img.shape[:2], 'img_path': path, 'label_path': None}
 
 
 class _CheckedItems(torch.utils.data.Dataset):
@@ -279,19 +300,161 @@ def _train_id_to_label_id_lut():
     return lut
 
 
-def _save_outputs(pred, path_color, path_export, export_format, img_path, path_overlay, palette=None):
-    """pred uint8 [H,W] train ids -> the requested PNGs (each written atomically); colours from
-    `palette` (default: Cityscapes')."""
-    if path_color is not None:
-        color = mic_data.colorize(pred, palette)
-        mic_data.save_png(path_color, color)
-        if path_overlay is not None:
-            img = mic_data.read_image(img_path).astype(np.float32)
-            blend = (1 - OVERLAY_ALPHA) * img + OVERLAY_ALPHA * color.astype(np.float32)
-            mic_data.save_png(path_overlay, np.clip(np.rint(blend), 0, 255).astype(np.uint8))
-    if path_export is not None:
+def overlay(img, color, rows=256):
+    """The colour prediction blended over the image (OVERLAY_ALPHA), uint8 [H,W,3]; computed in strips
+    of rows, so that a large photo needs no float copies of itself."""
+    out = np.empty_like(color)
+    for y in range(0, color.shape[0], rows):
+        blend = (1 - OVERLAY_ALPHA) * img[y:y + rows].astype(np.float32) + \
+            OVERLAY_ALPHA * color[y:y + rows].astype(np.float32)
+        out[y:y + rows] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    return out
+
+
+def ids_image(pred, id_values=None):
+    """Class ids [H,W] -> the array of an ids PNG: the train ids (uint8; uint16 beyond 256 classes), or
+    id_values[train id] (an IdValues: label ids, or RGB colours for colour-coded labels)."""
+    if id_values is None:
+        return pred.astype(np.uint8 if pred.max(initial=0) < 256 else np.uint16)
+    return id_values.table[pred]
+
+
+def _save_outputs(pred, paths, img_path, palette=None, export_format='trainids', confidence=None, bands=None,
+                  id_values=None):
+    """pred [H,W] train ids -> the PNGs of `paths` ({kind: path}; kinds color, overlay, export, ids,
+    confidence), each written atomically. Colours from `palette` (default: Cityscapes'); the overlay
+    reads the image again with `bands` (its first three are shown); confidence uint8 [H,W]."""
+    color = mic_data.colorize(pred, palette) if 'color' in paths or 'overlay' in paths else None
+    if 'color' in paths:
+        mic_data.save_png(paths['color'], color)
+    if 'overlay' in paths:
+        img = mic_data.display_rgb(mic_data.Bands.of(bands).read(img_path))
+        mic_data.save_png(paths['overlay'], overlay(img, color))
+    if 'export' in paths:
         out = _train_id_to_label_id_lut()[pred] if export_format == 'labelids' else pred
-        mic_data.save_png(path_export, out, mode='L')
+        mic_data.save_png(paths['export'], out, mode='L')
+    if 'ids' in paths:
+        mic_data.save_png(paths['ids'], ids_image(pred, id_values))
+    if 'confidence' in paths:
+        mic_data.save_png(paths['confidence'], confidence, mode='L')
+
+
+@dataclasses.dataclass(frozen=True)
+class IdValues:
+    """What an ids PNG holds per train id: table [K] (label ids, uint8 or uint16) or [K,3] (RGB colours)."""
+    table: np.ndarray
+    source: str
+
+    @classmethod
+    def load(cls, spec, num_classes):
+        """--id-map: 'cityscapes' (Cityscapes label ids) or the mapping file of convert_labels.py
+        (each train id -> the first raw value listed for it: a label id, or a colour)."""
+        if spec == 'cityscapes':
+            if num_classes != len(mic_data.CLASSES):
+                raise EvalError(f'--id-map cityscapes needs the 19 Cityscapes classes; this model has {num_classes}')
+            return cls(_train_id_to_label_id_lut()[:num_classes], 'Cityscapes label ids')
+        import convert_labels  # the mapping files are its format
+        id_map = convert_labels.read_id_map(spec)
+        if id_map.num_classes != num_classes:
+            raise EvalError(f'the mapping file {spec} has {id_map.num_classes} classes, the model {num_classes}')
+        first = {}
+        for value, train_id in id_map.values.items():  # (in the file's order: the first value of each class)
+            first.setdefault(train_id, value)
+        raw = np.array([first[c] for c in range(num_classes)], np.int64)
+        if id_map.format == 'rgb':
+            return cls(np.stack([raw >> 16, (raw >> 8) & 255, raw & 255], 1).astype(np.uint8), f'colours of {spec}')
+        return cls(raw.astype(np.uint8 if raw.max() < 256 else np.uint16), f'label ids of {spec}')
+
+
+# --------------------------------------------------------------------------
+# Prediction: scores at the test scale, class ids at the original size (in strips)
+# --------------------------------------------------------------------------
+
+STRIP_ELEMENTS = 1 << 22  # scores upsampled at once: classes x rows x width (16 MB in float32)
+
+
+def test_time_options(net, flip=None, scales=None):
+    """(flip, scales) of the test-time augmentation: the arguments, else model.test.flip / .scales."""
+    test = getattr(net, 'test_cfg', None) or {}
+    flip = bool(test.get('flip', False)) if flip is None else bool(flip)
+    scales = [float(v) for v in (test.get('scales', [1.0]) if scales is None else scales)]
+    return flip, scales
+
+
+def model_scores(net, img, flip=False, scales=(1.0,)):
+    """Normalised images [B,C,h,w] at the test scale -> (scores [B,K,h,w] float32, are_probs).
+
+    One pass (no flip, scales [1.0]): the logits of net.inference (are_probs False). Test-time
+    augmentation: the softmax probabilities averaged over the passes: the input resized by each
+    scale and, with flip, also mirrored left-right; each pass's probabilities are mirrored back and
+    resized to h x w (bilinear) before the mean.
+    """
+    size = tuple(img.shape[2:])
+    if not flip and list(scales) == [1.0]:
+        return net.inference(img, out_size=size).float(), False
+    total, passes = None, 0
+    for scale in scales:
+        x = img if scale == 1.0 else F.interpolate(
+            img, size=tuple(max(1, round(v * scale)) for v in size), mode='bilinear', align_corners=False)
+        for mirrored in ((False, True) if flip else (False,)):
+            xi = x.flip(3) if mirrored else x
+            probs = net.inference(xi, out_size=tuple(xi.shape[2:])).float().softmax(1)
+            probs = probs.flip(3) if mirrored else probs
+            if tuple(probs.shape[2:]) != size:
+                probs = F.interpolate(probs, size=size, mode='bilinear', align_corners=False)
+            total = probs if total is None else total + probs
+            passes += 1
+    return total / passes, True
+
+
+def _source_index(n_in, n_out, start, stop, device):
+    """Bilinear (align_corners=False) source indices and weights of output positions start..stop-1:
+    (i0, i1, w0, w1), as F.interpolate computes them."""
+    scale = torch.tensor(n_in, dtype=torch.float32) / n_out
+    src = (scale * (torch.arange(start, stop, dtype=torch.float32) + 0.5) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
+    w1 = (src - i0.float()).clamp(0, 1)
+    return i0.to(device), i1.to(device), (1 - w1).to(device), w1.to(device)
+
+
+def resize_rows(scores, size, start, stop):
+    """Rows start..stop-1 of scores [K,h,w] resized (bilinear) to size (H, W): [K,stop-start,W].
+    The same values as F.interpolate of the whole map up to float rounding, without holding [K,H,W]."""
+    h0, h1, a0, a1 = _source_index(scores.shape[1], size[0], start, stop, scores.device)
+    w0, w1, b0, b1 = _source_index(scores.shape[2], size[1], 0, size[1], scores.device)
+
+    def line(rows):
+        x = scores[:, rows]  # [K,n,w]
+        return x[:, :, w0] * b0 + x[:, :, w1] * b1
+    return line(h0) * a0[:, None] + line(h1) * a1[:, None]
+
+
+def scores_to_ids(scores, are_probs, size, confidence=False):
+    """Scores [K,h,w] at the test scale -> (ids [H,W] uint8 (int32 beyond 256 classes), confidence [H,W]
+    uint8 = round(255 * max probability) or None) at size (H, W), upsampled in strips of rows so
+    that memory stays that of the scores plus the outputs, whatever the size."""
+    K, (H, W) = scores.shape[0], tuple(size)
+    ids = torch.empty((H, W), dtype=torch.uint8 if K <= 256 else torch.int32, device=scores.device)
+    conf = torch.empty((H, W), dtype=torch.uint8, device=scores.device) if confidence else None
+    same = tuple(scores.shape[1:]) == (H, W)
+    rows = H if same else max(1, STRIP_ELEMENTS // max(1, K * W))
+    for y in range(0, H, rows):
+        strip = scores[:, y:y + rows] if same else resize_rows(scores, (H, W), y, min(y + rows, H))
+        ids[y:y + rows] = strip.argmax(0).to(ids.dtype)
+        if confidence:
+            top = strip.max(0).values if are_probs else strip.softmax(0).max(0).values
+            conf[y:y + rows] = (top * 255).round().to(torch.uint8)
+    return ids, conf
+
+
+def predict_tensor(net, img, size, flip=None, scales=None, confidence=False, amp='none'):
+    """One normalised image [1,C,h,w] at the test scale -> (ids [H,W], confidence or None) at size."""
+    flip, scales = test_time_options(net, flip, scales)
+    with torch.autocast(img.device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16,
+                        enabled=amp != 'none'):
+        scores, are_probs = model_scores(net, img, flip, scales)
+    return scores_to_ids(scores[0], are_probs, size, confidence)
 
 
 # --------------------------------------------------------------------------
@@ -307,17 +470,83 @@ def _dist_rank_world(distributed):
     return (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
 
 
+def _output_paths(pred_dir, export_dir, outputs, i):
+    """{kind: path} of image i: outputs {kind: names} under pred_dir, 'export' under export_dir."""
+    paths = {kind: os.path.join(pred_dir, names[i]) for kind, names in outputs.items() if kind != 'export'}
+    if export_dir:
+        paths['export'] = os.path.join(export_dir, outputs['export'][i])
+    return paths
+
+
+def _broadcast(values):
+    dist.broadcast_object_list(values, src=0)
+    return values
+
+
+def _infer_item(net, item, device, amp, confidence, conf, counts):
+    """Predict one EvalDataset item: (ids [H0,W0], confidence or None); adds its labelled pixels to the
+    confusion matrix `conf` and to `counts` (images, labelled images)."""
+    img = item['img'].to(device, non_blocking=True)[None]
+    pred, top = predict_tensor(net, img, item['ori_size'], confidence=confidence, amp=amp)
+    counts[0] += 1
+    if item['label'] is not None:
+        K = int(round(conf.numel() ** 0.5))
+        conf += confusion_matrix(pred, item['label'].to(device, non_blocking=True), K)
+        counts[1] += 1
+    return pred, top
+
+
+def _eval_loader(dataset, rank, world, num_classes, num_workers):
+    """This rank's share of the images (i = rank, rank + world, ...), one at a time."""
+    workers = mic_data.loader_workers(num_workers)
+    return torch.utils.data.DataLoader(
+        _CheckedItems(dataset, range(rank, len(dataset), world), num_classes), batch_size=1, shuffle=False,
+        num_workers=workers, collate_fn=mic_data.eval_collate,
+        worker_init_fn=mic_data.worker_init_fn if workers > 0 else None)
+
+
+def _output_names(pred_dir, export_dir, names, overlay_names, outputs, dataset):
+    """run_inference's {kind: names}: `outputs` as given, else colour predictions (names, default the
+    image stems), overlays and exports."""
+    outputs = dict(outputs or {})
+    if not outputs and (pred_dir or export_dir):
+        names = names if names is not None else output_names([s[0] for s in dataset.samples])
+        outputs = {'color': names, **({'overlay': overlay_names} if overlay_names else {})}
+    if export_dir:
+        outputs['export'] = outputs.pop('color') if not pred_dir else outputs['color']
+    elif not pred_dir:
+        outputs = {}
+    return outputs
+
+
+def _prepare_folders(pred_dir, export_dir, outputs, rank, world):
+    """Create the output folders and clean their temporary files (rank 0); refuse an export folder
+    that holds other files."""
+    for folder in (pred_dir, export_dir):
+        if folder:
+            mic_runtime.make_dirs(folder)
+            if rank == 0:
+                mic_runtime.remove_temp_files(folder)
+    if export_dir:
+        _check_export_folder(export_dir, outputs['export'])
+    if world > 1:
+        dist.barrier()  # no rank writes before rank 0 has cleaned the output folders
+
+
 @torch.no_grad()
 def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_dir=None, export_dir=None,
                   export_format='trainids', names=None, overlay_names=None, progress=True, distributed=None,
-                  num_workers=2, desc='eval', skipped=None, error_hint='', palette=None):
+                  num_workers=2, desc='eval', skipped=None, error_hint='', palette=None, outputs=None,
+                  id_values=None, bands=None):
     """Predict every image of `dataset` (EvalDataset-like items), accumulate the confusion matrix
     of the labelled ones and write the requested PNGs.
 
     pred_dir: colour predictions pred_dir/names[i] in `palette` (an [r, g, b] per class; default
     the Cityscapes colours); export_dir: train-id or label-id PNGs
     export_dir/names[i] (export_format); overlay_names: also the prediction blended over the image,
-    pred_dir/overlay_names[i]. names default to the image stem + '.png'.
+    pred_dir/overlay_names[i]. names default to the image stem + '.png'. outputs: instead, {kind: names
+    under pred_dir}, kinds color, overlay, ids (ids_image with id_values), confidence. bands: how the
+    overlays read the images. Test-time augmentation: the model's model.test.flip / .scales.
     An unreadable image (or label) raises DataError with its message + error_hint; unless `skipped`
     is a list: then such images are skipped (nothing written for them) and (path, message) pairs of
     all ranks are appended to it.
@@ -329,35 +558,18 @@ def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_
         raise ValueError(f'amp must be none, bf16 or fp16, got {amp!r}')
     rank, world = _dist_rank_world(distributed)
     if world > 1:  # rank 0's output folders count (a caller may pass them on rank 0 only)
-        folders = [pred_dir, export_dir]
-        dist.broadcast_object_list(folders, src=0)
-        pred_dir, export_dir = folders
-    K = num_classes
-    paths = [s[0] for s in dataset.samples]
-    if names is None and (pred_dir or export_dir):
-        names = output_names(paths)
-    for folder in (pred_dir, export_dir):
-        if folder:
-            mic_runtime.make_dirs(folder)
-            if rank == 0:
-                mic_runtime.remove_temp_files(folder)
-    if export_dir:
-        _check_export_folder(export_dir, names)
-    if world > 1:
-        dist.barrier()  # no rank writes before rank 0 has cleaned the output folders
-
-    loader = torch.utils.data.DataLoader(
-        _CheckedItems(dataset, range(rank, len(dataset), world), K), batch_size=1, shuffle=False,
-        num_workers=num_workers, collate_fn=mic_data.eval_collate,
-        worker_init_fn=mic_data.worker_init_fn if num_workers > 0 else None)
-    conf = torch.zeros(K * K, dtype=torch.int64, device=device)
+        pred_dir, export_dir = _broadcast([pred_dir, export_dir])
+    outputs = _output_names(pred_dir, export_dir, names, overlay_names, outputs, dataset)
+    _prepare_folders(pred_dir, export_dir, outputs, rank, world)
+    loader = _eval_loader(dataset, rank, world, num_classes, num_workers)
+    conf = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # images, labelled images
-    writer = _Writer() if (pred_dir or export_dir) else None
+    writer = _Writer() if outputs else None
     was_training = net.training
     net.eval()
     failed = []  # this rank's skipped images
     ok = False
-    bar = tqdm(loader, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = mic_report.progress_bar(loader, desc=desc, disable=not progress or rank != 0)
     try:
         for j, item in enumerate(bar):
             if 'error' in item:
@@ -365,30 +577,21 @@ def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_
                     raise DataError(item['error'] + error_hint)
                 failed.append((item['img_path'], item['error']))
                 continue
-            img = item['img'].to(device, non_blocking=True)[None]
-            with torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16,
-                                enabled=amp != 'none'):
-                logits = net.inference(img, out_size=item['ori_size'])
-            pred = logits[0].float().argmax(0)  # [H0,W0] int64 train ids
-            counts[0] += 1
-            if item['label'] is not None:
-                conf += confusion_matrix(pred, item['label'].to(device, non_blocking=True), K)
-                counts[1] += 1
+            pred, confidence = _infer_item(net, item, device, amp, 'confidence' in outputs, conf, counts)
             if writer is not None:
-                i = rank + j * world
-                pred_np = pred.to(torch.uint8).cpu().numpy()
-                writer.submit(_save_outputs, pred_np,
-                              os.path.join(pred_dir, names[i]) if pred_dir else None,
-                              os.path.join(export_dir, names[i]) if export_dir else None, export_format,
-                              item['img_path'],
-                              os.path.join(pred_dir, overlay_names[i]) if overlay_names and pred_dir else None,
-                              palette)
+                paths = _output_paths(pred_dir, export_dir, outputs, rank + j * world)
+                writer.submit(_save_outputs, pred.cpu().numpy(), paths, item['img_path'], palette, export_format,
+                              None if confidence is None else confidence.cpu().numpy(), bands, id_values)
         ok = True
     finally:
         bar.close()  # ends the bar's line, so that an error message starts on its own
         if writer is not None:
             writer.close(raise_errors=ok)
         net.train(was_training)
+    return _gather_results(conf, counts, failed, skipped, num_classes, world)
+
+
+def _gather_results(conf, counts, failed, skipped, K, world):
     if world > 1:
         dist.all_reduce(conf)
         dist.all_reduce(counts)
@@ -404,7 +607,7 @@ def run_inference(model, dataset, num_classes=19, device=None, amp='none', pred_
 
 def evaluate(model, ds_cfg, num_classes=19, device=None, amp='none', pred_dir=None, progress=True,
              synthia16=False, distributed=None, num_workers=2, export_dir=None, export_format='trainids',
-             need_labels=None, classes=None):
+             need_labels=None, classes=None, bands=None):
     """mIoU of `model` (built and loaded) on the dataset `ds_cfg` (e.g. cfg.data.val).
 
     Switches the model to eval mode and restores its previous mode. Writes nothing unless
@@ -421,6 +624,8 @@ def evaluate(model, ds_cfg, num_classes=19, device=None, amp='none', pred_dir=No
     classes: the classes (cfg.data, a data.classes value or a mic_data.ClassTable; None: Cityscapes'
         for 19 classes): the names in the metrics, the colours of the predictions, the label values.
         synthia16 applies when they hold the 16 Synthia classes.
+    bands: the image bands (cfg.data or a mic_data.Bands; None: RGB with ImageNet's statistics).
+    Test-time augmentation: model.test.flip and model.test.scales of the model's config.
     Returns {'mIoU', 'IoU', 'aAcc', ['mIoU16'], 'num_pixels', 'num_images'} (percent; see
     compute_metrics), the same on every rank; without labels only {'num_images': n}.
     """
@@ -429,11 +634,11 @@ def evaluate(model, ds_cfg, num_classes=19, device=None, amp='none', pred_dir=No
         raise ValueError(f'{table.num_classes} classes for a model of {num_classes}')
     if need_labels is None:
         need_labels = mic_data.has_labels(ds_cfg)
-    dataset = mic_data.EvalDataset(ds_cfg, need_labels=need_labels, classes=table)
+    dataset = mic_data.EvalDataset(ds_cfg, need_labels=need_labels, classes=table, bands=bands)
     conf, n_images, n_labelled = run_inference(
         model, dataset, num_classes, device, amp, pred_dir=pred_dir, export_dir=export_dir,
         export_format=export_format, progress=progress, distributed=distributed, num_workers=num_workers,
-        palette=table.palette)
+        palette=table.palette, bands=dataset.bands)
     if n_labelled == 0 or n_labelled < n_images or int(conf.sum()) == 0:
         if n_labelled and _dist_rank_world(distributed)[0] == 0:
             print(f'warning: {n_labelled} of {n_images} images have labels, {int(conf.sum())} labelled pixels: '
@@ -442,6 +647,74 @@ def evaluate(model, ds_cfg, num_classes=19, device=None, amp='none', pred_dir=No
     metrics = compute_metrics(conf, table.names, synthia16 and set(SYNTHIA_CLASS_NAMES) <= set(table.names))
     metrics['num_images'] = n_images
     return metrics
+
+
+# --------------------------------------------------------------------------
+# Python API: load_model, predict
+# --------------------------------------------------------------------------
+
+def load_model(ckpt, device=None, cfg=None):
+    """A checkpoint's model, loaded and in eval mode on `device` (default: cuda if available, else cpu).
+
+    cfg: the config (a YAML path, or a config from mic_config.load_config); default: the one stored in
+    the checkpoint (released checkpoints hold none: pass the YAML they were trained with). The model
+    keeps it as model.run_config: predict() reads the test scale, the bands and the test-time
+    augmentation from it.
+    """
+    if cfg is None or isinstance(cfg, (str, os.PathLike)):
+        cfg = resolve_config(ckpt, cfg)[0]
+    device = torch.device(device) if device is not None else \
+        torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    model = mic_model.build_model(cfg['model'], load_pretrained=False)
+    mic_model.load_checkpoint(model, ckpt)
+    model.run_config = cfg
+    return model.to(device).eval()
+
+
+def as_image(image, bands):
+    """predict()'s input -> uint8 [H,W,C]: a path (mic_data.read_image), a PIL image, a numpy array [H,W,C]
+    or [H,W] uint8, or a tensor [C,H,W] (uint8, or float on 0..255). The bands must be the model's."""
+    if isinstance(image, (str, os.PathLike)):
+        return bands.read(os.fspath(image))
+    if hasattr(image, 'getbands'):  # a PIL image: as read_image reads a file
+        return mic_data.image_bands(mic_data._pil_bands(mic_data._exif_upright(image), 'the PIL image'),
+                                    bands.channels, 'the PIL image')
+    if torch.is_tensor(image):
+        image = image.detach().cpu()
+        image = (image if image.dtype == torch.uint8 else image.round().clamp(0, 255).to(torch.uint8))
+        image = (image[None] if image.dim() == 2 else image).permute(1, 2, 0).numpy()
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise DataError(f'predict() takes uint8 images [H,W,C] (or [H,W]); got {array.dtype} {array.shape}')
+    return mic_data.image_bands(array[..., None] if array.ndim == 2 else array, bands.channels, 'the array')
+
+
+@torch.no_grad()
+def predict(model, image, return_probs=False, flip=None, scales=None, img_scale=None, amp='none'):
+    """Class ids of one image: numpy [H,W] (uint8) at the image's own size.
+
+    model: from load_model (or any built model; then img_scale defaults to the image's own size).
+    image: a path, a PIL image, a numpy array [H,W,C] uint8, or a tensor [C,H,W] (see as_image).
+    flip, scales: test-time augmentation (default: the model's model.test.flip / model.test.scales);
+    img_scale: the test scale (long, short side; default data.val.img_scale of the model's config).
+    return_probs: also the class probabilities, float32 [K,H,W] (at the image's size: large).
+    The same computation as `mic_eval.py --images`, so the ids equal its <name>_ids.png.
+    """
+    cfg = getattr(model, 'run_config', None)
+    bands = mic_data.Bands.of(cfg['data'] if cfg is not None else None)
+    img = as_image(image, bands)
+    if img_scale is None:
+        img_scale = cfg['data']['val']['img_scale'] if cfg is not None else (max(img.shape[:2]), min(img.shape[:2]))
+    device = next(model.parameters()).device
+    x = mic_data.eval_input(img, img_scale, bands).to(device)[None]
+    model.eval()
+    ids, _ = predict_tensor(model, x, img.shape[:2], flip, scales, amp=amp)
+    if not return_probs:
+        return ids.cpu().numpy()
+    scores, are_probs = model_scores(model, x, *test_time_options(model, flip, scales))
+    probs = scores[0] if are_probs else scores[0].softmax(0)
+    probs = F.interpolate(probs[None], size=tuple(img.shape[:2]), mode='bilinear', align_corners=False)[0]
+    return ids.cpu().numpy(), probs.cpu().numpy()
 
 
 # --------------------------------------------------------------------------
@@ -483,6 +756,13 @@ def resolve_config(ckpt_path, cfg_path=None, overrides=(), data_root=None, split
     return cfg, source
 
 
+def _format_choice(text):
+    if text not in EXPORT_FOLDERS and text not in IMAGES_FORMATS:
+        raise argparse.ArgumentTypeError(f'invalid choice: {text!r} (a split: {", ".join(EXPORT_FOLDERS)}; '
+                                         f'--images: {", ".join(IMAGES_FORMATS)})')
+    return text
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Evaluate a MIC checkpoint: mIoU and colour predictions on a labelled split, '
@@ -507,12 +787,20 @@ def parse_args(argv=None):
     parser.add_argument('--out', default=None,
                         help='output folder (default: the checkpoint\'s folder; for --images: '
                              '<checkpoint folder>/pred_<images folder name>)')
-    parser.add_argument('--format', default=None, choices=list(EXPORT_FOLDERS),
-                        help='also export predictions for a benchmark server: trainids -> OUT/labelTrainIds/ '
-                             '(ACDC, Dark Zurich), labelids -> OUT/labelIds/ (Cityscapes); one PNG per image')
+    parser.add_argument('--format', default=None, type=_format_choice,
+                        metavar='{' + ','.join(EXPORT_FOLDERS) + '}|{' + ','.join(IMAGES_FORMATS) + '}',
+                        help='a split: also export predictions for a benchmark server: trainids -> OUT/labelTrainIds/ '
+                             '(ACDC, Dark Zurich), labelids -> OUT/labelIds/ (Cityscapes); one PNG per image. '
+                             '--images: color (OUT/<name>_pred.png), overlay (<name>_overlay.png), ids '
+                             '(<name>_ids.png: train ids, 8-bit; see --id-map) or all; default color and overlay')
     parser.add_argument('--images', default=None, metavar='DIR',
-                        help='predict every image under DIR instead of a dataset split: '
-                             'OUT/<name>_pred.png and OUT/<name>_overlay.png')
+                        help='predict every image under DIR instead of a dataset split (see --format)')
+    parser.add_argument('--id-map', default=None, metavar='MAP',
+                        help='--images --format ids|all: write label values instead of train ids: the mapping file '
+                             'given to convert_labels.py (the first value listed per class: ids, or colours for '
+                             'format rgb), or cityscapes (Cityscapes label ids)')
+    parser.add_argument('--save-confidence', action='store_true',
+                        help='--images: also OUT/<name>_conf.png, the top class probability x 255 (8-bit)')
     parser.add_argument('--skip-unreadable', action='store_true',
                         help='with --images: skip images that cannot be read (listed at the end) instead of stopping')
     parser.add_argument('--no-preds', action='store_true', help='do not write colour predictions (OUT/preds/)')
@@ -528,12 +816,26 @@ def parse_args(argv=None):
         parser.error('the following arguments are required: --ckpt (or --summary RUN ...)')
     if args.summary is not None and args.ckpt is not None:
         parser.error('--summary summarises the metrics.json of finished runs: it takes no --ckpt')
-    if args.images and (args.format or args.split or args.data_root):
-        parser.error('--images predicts a folder of images: it takes no --format, --split or --data-root')
+    _check_format_args(parser, args)
     if args.skip_unreadable and not args.images:
         parser.error('--skip-unreadable applies to --images only: a dataset split is evaluated whole '
                      '(a skipped image would change the mIoU)')
     return args
+
+
+def _check_format_args(parser, args):
+    """--format, --id-map and --save-confidence against --images: each applies to one of the two."""
+    if args.images and (args.split or args.data_root):
+        parser.error('--images predicts a folder of images: it takes no --split or --data-root')
+    if args.images and args.format in EXPORT_FOLDERS:
+        parser.error(f'--format {args.format} exports a dataset split; with --images choose '
+                     f'{", ".join(IMAGES_FORMATS)} (ids: train ids, or label values with --id-map)')
+    if not args.images and args.format in IMAGES_FORMATS:
+        parser.error(f'--format {args.format} applies to --images DIR; a split exports {" or ".join(EXPORT_FOLDERS)}')
+    if (args.id_map or args.save_confidence) and not args.images:
+        parser.error('--id-map and --save-confidence apply to --images DIR')
+    if args.id_map and args.format not in ('ids', 'all'):
+        parser.error('--id-map sets the values of the ids PNGs: add --format ids (or all)')
 
 
 def run(args, rank=0, world=1, device=None):
@@ -552,46 +854,72 @@ def run(args, rank=0, world=1, device=None):
         out = args.out or os.path.join(ckpt_dir, 'pred_' + os.path.basename(os.path.abspath(folder)))
         if os.path.commonpath([os.path.abspath(out), os.path.abspath(folder)]) == os.path.abspath(folder):
             raise EvalError(f'--out {out} lies inside the images folder {folder}; choose another --out')
-        dataset = ImageFolder(folder, val['img_scale'])
+        dataset = ImageFolder(folder, val['img_scale'], mic_data.Bands.of(cfg['data']))
     else:
         out = args.out or ckpt_dir
+    created = not os.path.exists(out)
     if rank == 0:
         mic_runtime.check_writable(out)  # a read-only or forbidden --out fails now, not after the evaluation
+    try:
+        model = load_model(args.ckpt, device, cfg)
+        if args.images:
+            return _predict_folder(args, cfg, model, dataset, folder, out, device, world)
+        return _evaluate_split(args, cfg, cfg_source, model, out, device, rank, world)
+    except BaseException:
+        if args.images and created and rank == 0:
+            _remove_empty_folders(out)  # a failed prediction run leaves no empty output folder behind
+        raise
 
-    model = mic_model.build_model(cfg['model'], load_pretrained=False)
-    mic_model.load_checkpoint(model, args.ckpt)
-    model.to(device).eval()
+
+def _remove_empty_folders(folder):
+    """Remove `folder` and its sub-folders where they hold no file (bottom-up)."""
+    for path, _, _ in sorted(os.walk(folder), key=lambda entry: -len(entry[0])):
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty (or already gone)
+            pass
+
+
+def _predict_folder(args, cfg, model, dataset, folder, out, device, world):
+    """--images: the chosen PNGs of every image under `folder`, written to `out`."""
     K = cfg['model']['num_classes']
-    classes = mic_data.class_table(cfg['data'], K)  # names, colours and label values of the task
-    num_workers = cfg['data']['num_workers']
+    classes = mic_data.class_table(cfg['data'], K)
+    kinds = IMAGES_FORMATS[args.format] if args.format else ('color', 'overlay')
+    kinds = (*kinds, 'confidence') if args.save_confidence else kinds
+    id_values = IdValues.load(args.id_map, K) if args.id_map else None
+    if dataset.skipped:
+        print0(_skipped_files_note(dataset.skipped, folder))
+    stems = _images_names(folder, [s[0] for s in dataset.samples])
+    for sub in sorted({os.path.dirname(os.path.join(out, stem)) for stem in stems}):
+        mic_runtime.make_dirs(sub)
+    unreadable = [] if args.skip_unreadable else None
+    run_inference(model, dataset, K, device, args.amp, pred_dir=out, distributed=world > 1,
+                  num_workers=cfg['data']['num_workers'], desc='predict', skipped=unreadable,
+                  error_hint='. To skip unreadable images and list them at the end, run again with '
+                             '--skip-unreadable', palette=classes.palette, id_values=id_values,
+                  outputs={k: [s + IMAGES_SUFFIXES[k] for s in stems] for k in kinds}, bands=dataset.bands)
+    done = len(dataset) - len(unreadable or [])
+    words = [IMAGES_WORDS[k] for k in kinds]
+    what = ', '.join(words[:-1]) + ' and ' + words[-1] if len(words) > 1 else words[0]
+    print0(f'wrote {what} of {done} images to {out}' + (f' (ids: {id_values.source})' if id_values else ''))
+    if dataset.skipped:
+        print0(f'skipped {len(dataset.skipped)} file(s) that are not images (listed above)')
+    if unreadable:
+        print0(f'skipped {len(unreadable)} unreadable image(s), no prediction written for them:')
+        for path, message in unreadable:
+            print0(f'  {path}: {message}')
+    return None
 
-    if args.images:
-        if dataset.skipped:
-            print0(_skipped_files_note(dataset.skipped, folder))
-        stems = _images_names(folder, [s[0] for s in dataset.samples])
-        for sub in sorted({os.path.dirname(os.path.join(out, stem)) for stem in stems}):
-            mic_runtime.make_dirs(sub)
-        unreadable = [] if args.skip_unreadable else None
-        run_inference(model, dataset, K, device, args.amp, pred_dir=out, names=[s + '_pred.png' for s in stems],
-                      overlay_names=[s + '_overlay.png' for s in stems], distributed=world > 1,
-                      num_workers=num_workers, desc='predict', skipped=unreadable,
-                      error_hint='. To skip unreadable images and list them at the end, run again with '
-                                 '--skip-unreadable', palette=classes.palette)
-        done = len(dataset) - len(unreadable or [])
-        print0(f'wrote colour predictions and overlays of {done} images to {out}')
-        if dataset.skipped:
-            print0(f'skipped {len(dataset.skipped)} file(s) that are not images (listed above)')
-        if unreadable:
-            print0(f'skipped {len(unreadable)} unreadable image(s), no prediction written for them:')
-            for path, message in unreadable:
-                print0(f'  {path}: {message}')
-        return None
 
+def _evaluate_split(args, cfg, cfg_source, model, out, device, rank, world):
+    """A dataset split (data.val): the mIoU table and metrics.json, colour predictions, exports."""
+    val, K = cfg['data']['val'], cfg['model']['num_classes']
     export_dir = os.path.join(out, EXPORT_FOLDERS[args.format]) if args.format else None
     metrics = evaluate(model, val, K, device, args.amp, pred_dir=None if args.no_preds else os.path.join(out, 'preds'),
                        synthia16=cfg['data']['source']['type'] == 'synthia', distributed=world > 1,
-                       num_workers=num_workers, export_dir=export_dir, export_format=args.format or 'trainids',
-                       need_labels=False if args.format else None, classes=classes)
+                       num_workers=cfg['data']['num_workers'], export_dir=export_dir,
+                       export_format=args.format or 'trainids', need_labels=False if args.format else None,
+                       classes=mic_data.class_table(cfg['data'], K), bands=cfg['data'])
     if 'mIoU' in metrics:
         metrics.update(checkpoint=os.path.abspath(args.ckpt), config=cfg_source, split=val['split'],
                        dataset_type=val['type'], dataset_root=os.path.abspath(val['root']))

@@ -1230,10 +1230,48 @@ def build_model(cfg_model, load_pretrained=False):
             attention = make_head(channels, K if h['attention_classwise'] else 1, head_cfg, attention=True)
         head = HRDAHead(make_head(channels, K, head_cfg), attention, h['fixed_attention'])
         model = HRDAEncoderDecoder(backbone, head, cfg['test'], h)
+    if cfg['in_channels'] != 3:
+        set_input_channels(backbone, cfg['in_channels'])
     model.cfg = cfg
     if load_pretrained and cfg['pretrained']:
         load_pretrained_encoder(model.backbone, cfg['pretrained'])
     return model
+
+
+def input_conv_name(encoder):
+    """The name of the encoder's first convolution, the one that sees the image bands (MiT:
+    patch_embed1.proj, ResNet-V1c: stem.0)."""
+    return next(name for name, m in encoder.named_modules() if isinstance(m, nn.Conv2d))
+
+
+def extend_input_weight(weight, channels):
+    """RGB filters [O,3,k,k] -> [O,channels,k,k] for images of other bands: the RGB filters stay, each
+    extra band (near infrared, ...) gets the mean of the RGB filters, and all are scaled by 3 / channels
+    so that an image whose bands look alike gives the same response as before. Fewer than 3 bands: each
+    gets the mean RGB filter x 3 / channels (1 band: the sum, exact for a grey image)."""
+    mean = weight.mean(1, keepdim=True)
+    if channels >= 3:
+        extended = torch.cat([weight, mean.expand(-1, channels - 3, -1, -1)], 1)
+    else:
+        extended = mean.expand(-1, channels, -1, -1)
+    return (extended * (3 / channels)).contiguous()
+
+
+def set_input_channels(encoder, channels):
+    """Replace the encoder's first convolution by one that takes `channels` bands, its initial
+    weights extended from the RGB ones (extend_input_weight); ImageNet weights loaded later are
+    extended the same way (load_checkpoint)."""
+    name = input_conv_name(encoder)
+    parent_name, _, attr = name.rpartition('.')
+    parent = encoder.get_submodule(parent_name) if parent_name else encoder
+    old = getattr(parent, attr)
+    new = nn.Conv2d(channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
+                    old.groups, old.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(extend_input_weight(old.weight, channels))
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    setattr(parent, attr, new)
 
 
 class CheckpointError(RuntimeError):
@@ -1400,6 +1438,10 @@ def load_checkpoint(model, path):
         target = model if encoder_only else model.backbone
         ignored = [k for k in sd if k.startswith(target.classifier_prefix)]
         sd = {k: v for k, v in sd.items() if k not in ignored}
+        key = input_conv_name(target) + '.weight'
+        bands = target.state_dict()[key].shape[1]
+        if key in sd and sd[key].shape[1] == 3 and bands != 3:  # RGB weights for an encoder of other bands
+            sd[key] = extend_input_weight(sd[key], bands)
     elif encoder_only:
         if not any(k.startswith('backbone.') for k in sd):
             raise CheckpointError(f'{path} holds no encoder weights (backbone.*)')

@@ -40,6 +40,7 @@ import os
 import re
 import statistics
 import sys
+import time
 
 import numpy as np
 
@@ -456,7 +457,8 @@ def save_debug_grid(debug, path, mean, std, max_width=1536, palette=None):
     from PIL import Image, ImageDraw
 
     def image(x):
-        return ((x.float() * std[0] + mean[0]).clamp(0, 255)).byte().permute(1, 2, 0).cpu().numpy()
+        x = (x.float() * std[0] + mean[0]).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+        return mic_data.display_rgb(x)  # (the first three bands)
 
     def label(x):
         return mic_data.colorize(x.reshape(x.shape[-2:]).cpu().numpy().astype(np.uint8), palette)
@@ -583,6 +585,47 @@ class Progress:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class PlainProgress:
+    """tqdm's iteration interface for a log file (CI, a cluster job): one plain line at each tenth of
+    the work and at the end, no carriage returns."""
+
+    def __init__(self, iterable, total, desc, unit, stream):
+        self.iterable, self.total, self.desc, self.unit, self.stream = iterable, total, desc, unit, stream
+
+    def __iter__(self):
+        start, done = time.monotonic(), 0
+        step = max(1, -(-(self.total or 0) // 10))
+        for item in self.iterable:
+            yield item
+            done += 1
+            if done % step == 0 or done == self.total:
+                total = f'/{self.total}' if self.total else ''
+                print(f'{self.desc}: {done}{total} {self.unit}s, {time.monotonic() - start:.1f} s',
+                      file=self.stream, flush=True)
+
+    def close(self):
+        pass
+
+
+def progress_bar(iterable, desc, disable=False, total=None, unit='it', stream=None):
+    """Progress over `iterable`: a tqdm bar on a terminal, plain lines elsewhere (PlainProgress, as
+    training's Progress does), nothing when disabled. Both have close()."""
+    stream = stream if stream is not None else sys.stderr
+    total = total if total is not None else (len(iterable) if hasattr(iterable, '__len__') else None)
+    if disable or not _isatty(stream):
+        return PlainProgress(iterable, total, desc, unit, stream) if not disable else _Silent(iterable)
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True)
+
+
+class _Silent(PlainProgress):
+    def __init__(self, iterable):
+        super().__init__(iterable, None, '', '', None)
+
+    def __iter__(self):
+        return iter(self.iterable)
 
 
 # --------------------------------------------------------------------------

@@ -149,8 +149,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == 'fp16')
         # constants made on the device once: a host->device copy inside the step would wait for the GPU
         self.fd_classes = torch.tensor(cfg.uda.fd_classes, device=device)
-        self.mean = torch.tensor(mic_data.IMG_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(mic_data.IMG_STD, device=device).view(1, 3, 1, 1)
+        bands = mic_data.Bands.of(cfg.data)  # per-band statistics (ImageNet's RGB ones by default)
+        self.mean = torch.tensor(bands.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(bands.std, device=device).view(1, -1, 1, 1)
         self.debug = None  # tensors of the last iteration, kept only when asked for (debug images)
 
     def _add_trained_module(self, name, extra):
@@ -616,7 +617,7 @@ class Run:
         metrics = mic_eval.evaluate(self.trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
                                     device=self.device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
                                     synthia16=cfg.data.source.type == 'synthia',
-                                    num_workers=cfg.data.num_workers, classes=self.classes)
+                                    num_workers=cfg.data.num_workers, classes=self.classes, bands=cfg.data)
         if 'mIoU' not in metrics and not labelled:
             print0(f'data.val ({cfg.data.val.root}) has no labels: cannot compute mIoU, predictions only')
             return {'mIoU': None, **metrics}

@@ -214,7 +214,11 @@ def strong_augment(img, jitter, blur, strength, mean, std):
     """DACS's strong augmentation of normalised images [B,3,H,W]: colour jitter (in [0,1] space)
     if `jitter`, then Gaussian blur with sigma ~ U(0.15, 1.15) if `blur`."""
     if jitter:
-        img = color_jitter((img * std + mean) / 255.0, strength) * 255.0
+        img = (img * std + mean) / 255.0
+        if img.shape[1] > 3:  # colour jitter is defined on RGB: extra bands (near infrared, ...) keep their values
+            img = torch.cat([color_jitter(img[:, :3], strength), img[:, 3:]], 1) * 255.0
+        else:
+            img = color_jitter(img, strength) * 255.0
         img = (img - mean) / std
     if blur:
         img = gaussian_blur(img, 0.15 + float(torch.rand(())))

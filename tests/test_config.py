@@ -21,7 +21,8 @@ def test_defaults_are_the_paper_setting():
     cfg = load_config()
     assert cfg.model.type == 'hrda' and cfg.model.backbone.type == 'mit_b5'
     assert cfg.model.hrda.hr_crop_size == [512, 512] and cfg.model.hrda.hr_loss_weight == 0.1
-    assert cfg.model.test == {'mode': 'slide', 'crop_size': [1024, 1024], 'stride': [512, 512]}
+    assert cfg.model.test == {'mode': 'slide', 'crop_size': [1024, 1024], 'stride': [512, 512], 'flip': False,
+                              'scales': [1.0]}  # one pass: test-time augmentation is off
     assert cfg.uda.alpha == 0.999 and cfg.uda.pseudo_threshold == 0.968 and cfg.uda.fd_lambda == 0.005
     assert cfg.uda.mask_mode == 'separatetrgaug' and cfg.uda.mask_block_size == 64 and cfg.uda.mask_ratio == 0.7
     assert cfg.optim.lr == 6e-5 and cfg.optim.warmup_iters == 1500 and cfg.train.max_iters == 40000
@@ -203,7 +204,8 @@ def test_configs_stored_before_the_added_keys_resolve_as_they_did():
     it resolves to the same config, and is stored again byte for byte."""
     added = {'data.classes', 'data.source.img_dir', 'data.source.label_dir', 'data.target.img_dir',
              'data.target.label_dir', 'data.val.img_dir', 'data.val.label_dir', 'train.deterministic',
-             'train.tensorboard'}
+             'train.tensorboard', 'model.test.flip', 'model.test.scales', 'model.in_channels', 'data.channels',
+             'data.mean', 'data.std'}
     cfg = load_config(os.path.join(REPO, 'configs', 'gta2cs.yaml'))
 
     def keys(tree, prefix=''):
