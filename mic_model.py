@@ -919,6 +919,9 @@ def read_checkpoint(path, mmap=False):
 def load_pretrained_encoder(backbone, path):
     """Load ImageNet weights into an encoder: SegFormer's mit_b*.pth into MiT, OpenMMLab's
     resnet*_v1c-*.pth into ResNetV1c (their classifiers are dropped)."""
+    if os.path.isdir(path):
+        raise FileNotFoundError(f'model.pretrained={path} is a folder: give the weights file in it (e.g. '
+                                f'{os.path.join(path, os.path.basename(backbone.default_pretrained))})')
     if not os.path.isfile(path):
         note = ''
         if os.path.basename(path) != os.path.basename(backbone.default_pretrained):
