@@ -304,6 +304,7 @@ class StopSignals:
         self._previous = {}
         self._flag = self._host = self._event = self._work = None  # the pending distributed check
         self._agreed = None
+        self.checkpoint_due = False  # the agreed answer to agreed()'s `checkpoint_due` (time-based checkpoints)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -334,28 +335,34 @@ class StopSignals:
         """The name of the first stop signal received ('SIGTERM', ...), or None."""
         return self.name
 
-    def agreed(self, device=None):
+    def agreed(self, device=None, checkpoint_due=False):
         """The stop signal every rank agrees on, or None; call it once per iteration on every rank.
 
-        Not distributed: requested(). Under torchrun: each call posts this rank's flag (the signal's
-        number, 0 for none) to an asynchronous all_reduce (MAX) and returns the result of the previous
-        call's all_reduce, so that every rank gets the same answer at the same call, one iteration after
-        the signal at the latest. Waiting for the previous result costs no host synchronisation with
-        the current iteration's work: on a GPU the result is copied to pinned host memory behind an event.
+        checkpoint_due: this rank's wish for a checkpoint (train.ckpt_minutes passed on its clock); the
+        agreed answer (any rank's wish) is in self.checkpoint_due afterwards, so that all ranks save together.
+        Not distributed: requested() and checkpoint_due as given. Under torchrun: each call posts this
+        rank's flags (the signal's number, 0 for none; the wish) to an asynchronous all_reduce (MAX) and
+        returns the result of the previous call's all_reduce, so that every rank gets the same answer at
+        the same call, one iteration after the signal at the latest. Waiting for the previous result costs
+        no host synchronisation with the current iteration's work: on a GPU the result is copied to
+        pinned host memory behind an event.
         """
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            self.checkpoint_due = bool(checkpoint_due)
             return self.requested()
         answer = self._collect()
-        self._post(torch.device(device) if device is not None else torch.device('cpu'))
+        self._post(torch.device(device) if device is not None else torch.device('cpu'), checkpoint_due)
         return answer
 
-    def _post(self, device):
+    def _post(self, device, checkpoint_due):
         if self._flag is None:
-            self._flag = torch.zeros(1, dtype=torch.int32, device=device)
+            self._flag = torch.zeros(2, dtype=torch.int32, device=device)
             pinned = device.type == 'cuda'
-            self._host = torch.zeros(1, dtype=torch.int32, pin_memory=pinned)
+            self._host = torch.zeros(2, dtype=torch.int32, pin_memory=pinned)
             self._event = torch.cuda.Event() if device.type == 'cuda' else None
-        self._flag.fill_(int(getattr(signal, self.name)) if self.name else 0)
+        # one host-to-device copy of two numbers; non_blocking from pageable memory is still ordered on the stream
+        self._flag.copy_(torch.tensor([int(getattr(signal, self.name)) if self.name else 0, int(bool(checkpoint_due))],
+                                      dtype=torch.int32), non_blocking=True)
         self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True)
         if self._event is not None:
             self._work.wait()  # NCCL: the current stream waits for the collective, the host does not
@@ -363,6 +370,7 @@ class StopSignals:
             self._event.record()
 
     def _collect(self):
+        self.checkpoint_due = False
         if self._work is None:
             return self._agreed
         if self._event is not None:
@@ -371,7 +379,8 @@ class StopSignals:
             self._work.wait()
             self._host.copy_(self._flag)
         self._work = None
-        code = int(self._host.item())
+        code, due = self._host.tolist()
+        self.checkpoint_due = bool(due)
         if code and self._agreed is None:
             self._agreed = signal.Signals(code).name
             if self.name is None:  # another rank was signalled: this one stops for the same reason

@@ -75,13 +75,14 @@ def _agree_worker(rank, store, out):
     import torch.distributed as dist
     dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
     try:
-        answers = []
+        answers, dues = [], []
         with mic_runtime.StopSignals() as stop:
             for call in range(8):
                 if rank == 1 and call == 3:
                     os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 is signalled
-                answers.append(stop.agreed(torch.device('cpu')))
-        torch.save({'answers': answers, 'requested': stop.requested()}, f'{out}.{rank}')
+                answers.append(stop.agreed(torch.device('cpu'), checkpoint_due=rank == 0 and call == 1))
+                dues.append(stop.checkpoint_due)
+        torch.save({'answers': answers, 'dues': dues, 'requested': stop.requested()}, f'{out}.{rank}')
     finally:
         dist.destroy_process_group()
 
@@ -93,6 +94,8 @@ def test_ranks_agree_on_the_call_to_stop_at(tmp_path):
     # posted at call 3, answered by the next call on both ranks; rank 0 learns why
     assert r0['answers'] == r1['answers'] == [None] * 4 + ['SIGTERM'] * 4
     assert r0['requested'] == r1['requested'] == 'SIGTERM'
+    # rank 0's clock says a time-based checkpoint is due at call 1: both ranks save at call 2
+    assert r0['dues'] == r1['dues'] == [False, False, True] + [False] * 5
 
 
 # --------------------------------------------------------------------------
