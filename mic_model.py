@@ -119,6 +119,10 @@ class DWConv(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        # The weight [dim,1,3,3] gets the strides its gradient has on channels-last maps (the same memory
+        # order: dim 1 has size 1): DDP copies a gradient whose strides differ from its parameter's.
+        w = self.dwconv.weight
+        self.dwconv.weight = nn.Parameter(w.detach().as_strided(w.shape, (9, 1, 3, 1)))
 
     def forward(self, x, H, W):
         return map_to_tokens(self.dwconv(tokens_to_map(x, H, W)))

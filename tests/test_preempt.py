@@ -234,3 +234,18 @@ def test_summary_refuses_runs_of_different_configs(tmp_path, capsys):
         mic_eval.main(['--summary', str(tmp_path / 'a'), str(tmp_path / 'b')])
     err = capsys.readouterr().err
     assert e.value.code == 2 and 'different configs (optim.lr: 6e-05, 0.0001' in err
+
+
+# --------------------------------------------------------------------------
+# DDP: every gradient in its parameter's layout (no "Grad strides do not match bucket view strides")
+# --------------------------------------------------------------------------
+
+def test_gradients_have_their_parameters_strides():
+    sys.path.insert(0, os.path.join(REPO, 'tests'))
+    import mic_train
+    from test_train_helpers import synthetic_batch, tiny_cfg
+    torch.manual_seed(0)
+    trainer = mic_train.Trainer(tiny_cfg(), torch.device('cpu'))
+    trainer.step(synthetic_batch(seed=0), 0)
+    params = [(n, p) for n, p in trainer.student.named_parameters() if p.grad is not None]
+    assert params and [n for n, p in params if p.grad.stride() != p.stride()] == []
