@@ -1,4 +1,4 @@
-"""Does a model of the demo study predict masked target images from their context? (issue 13)
+"""Does a model of the demo study predict masked target images from their context?
 
 For each run of the study and seed: target val mIoU of the trained student on the plain images
 and on the same images with MIC's random block mask applied (the normalised image times the
