@@ -301,6 +301,9 @@ class TrainConfig:
     log_interval: int = 50  # iterations between log lines
     eval_interval: int = 4000  # iterations between evaluations on data.val (0 = only at the end)
     ckpt_interval: int = 4000  # iterations between checkpoints (latest.pth); always at the end
+    # also write latest.pth when this many minutes passed since the last one (0 = off): bounds the work
+    # that a kill without warning (node failure, SIGKILL) costs, whatever the speed (docs/cluster.md)
+    ckpt_minutes: float = _optional(0.0)
     debug_img_interval: int = 1000  # iterations between debug image grids (0 = never)
     amp: Literal['none', 'bf16', 'fp16'] = 'none'  # autocast precision (the paper: fp32)
     compile: bool = False  # torch.compile the student's encoder
@@ -569,6 +572,7 @@ _RANGES = {
     'train.log_interval': _ge(1),
     'train.eval_interval': _ge(0),
     'train.ckpt_interval': _ge(0),
+    'train.ckpt_minutes': _ge(0),
     'train.debug_img_interval': _ge(0),
 }
 _MIT_MIN_SIZE = 32  # mic_model.MiT: stage 1 reduces keys/values 8x8 from a map at stride 4

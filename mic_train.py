@@ -20,11 +20,16 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
+import inspect
+import itertools
 import json
 import math
 import os
 import random
 import resource
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -468,6 +473,13 @@ def build_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
 
 
+# DDP without broadcasting buffers (BN statistics) from rank 0 at every forward: each rank keeps its own, as
+# in the original. PyTorch 2.13 renamed broadcast_buffers (a FutureWarning per rank) to forward_sync_buffers,
+# which also syncs them once at the start (the same on every rank then: fresh, or loaded from one checkpoint).
+DDP_NO_BUFFER_SYNC = {'forward_sync_buffers': False} if 'forward_sync_buffers' in \
+    inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters else {'broadcast_buffers': False}
+
+
 class Trainer:
     """The stateful modules of a method (student, EMA teacher(s), ...) and their optimizers;
     `step` runs one iteration.
@@ -534,7 +546,7 @@ class Trainer:
         self.wrapped = {name: self.modules[name] for name in self.optimizers}
         if world > 1:
             ids = [device.index] if device.type == 'cuda' else None
-            self.wrapped = {name: torch.nn.parallel.DistributedDataParallel(m, device_ids=ids, broadcast_buffers=False)
+            self.wrapped = {name: torch.nn.parallel.DistributedDataParallel(m, device_ids=ids, **DDP_NO_BUFFER_SYNC)
                             for name, m in self.wrapped.items()}
         # each trained module synchronises its gradients (DDP) in the last pass that trains it
         self.last_pass = {m: max(i for i, (_, p) in enumerate(self.passes) if m in p.trains)
@@ -876,43 +888,194 @@ class RunLog:
             self.tb.close()
 
 
+def resume_path(work_dir, resume):
+    """The checkpoint to continue from, or None for a new run.
+
+    --resume / --resume auto: work_dir/latest.pth, and a new run when it does not exist yet, so that
+    one command serves the first start and every restart (docs/cluster.md). --resume PATH: PATH,
+    which must exist."""
+    if not resume:
+        return None
+    if resume == 'auto':
+        path = os.path.join(work_dir, 'latest.pth')
+        if os.path.isfile(path):
+            return path
+        print0(f'--resume auto: {path} does not exist yet; starting a new run')
+        return None
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f'--resume: checkpoint {resume} does not exist')
+    return resume
+
+
+def finished_run(cfg):
+    """The metrics of this config's finished run in train.work_dir (printed), or None."""
+    path = os.path.join(cfg.train.work_dir, 'metrics.json')
+    if not os.path.exists(path):
+        return None
+    print0(f'{cfg.train.work_dir} already holds this config\'s finished run; its results: {path}. '
+           'Delete the folder or set train.work_dir to train again.')
+    with open(path) as f:
+        metrics = json.load(f)
+    if metrics.get('mIoU') is not None:  # (a data.val without labels gives predictions only)
+        print0(f'target mIoU: {metrics["mIoU"]:.2f}')
+    return metrics
+
+
+def check_validation_split(cfg):
+    """List data.val before the first iteration: a wrong root or split fails now, naming its path,
+    and not at the first evaluation hours later."""
+    val = cfg.data.val
+    if not mic_data.list_samples(val, need_labels=mic_data.has_labels(val)):
+        raise mic_data.DataError(f'data.val ({val.root}, split {val.split}) holds no images')
+
+
+def first_batches(loader, ckpt, rank):
+    """The batch iterator, restored RNG state, and the first batch drawn: a data error of the first
+    batch fails before anything is written to the run folder. DataLoader workers die with the main
+    process (die_with_parent), not seconds after it."""
+    if loader.num_workers > 0:
+        loader.worker_init_fn = functools.partial(_loader_worker_init, loader.worker_init_fn, os.getpid())
+    batches = iter(loader)
+    if ckpt is not None:  # after the loader is made: it draws its worker seed from the global RNG
+        set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
+    return batches, next(batches)
+
+
+def _loader_worker_init(previous, parent_pid, worker_id):
+    mic_runtime.die_with_parent(parent_pid)
+    if previous is not None:
+        previous(worker_id)
+
+
+def close_batches(batches):
+    """Shut the loader's workers down now (persistent workers outlive their iterator otherwise)."""
+    shutdown = getattr(batches, '_shutdown_workers', None)
+    if shutdown is not None:
+        shutdown()
+
+
+def open_run_folder(cfg, command, world, start, device):
+    """Rank 0 takes the run folder's lock and writes config.yaml and command.txt; log.jsonl loses the
+    records after `start`. Every rank fails when rank 0 did (one flag, all_reduce MIN). The lock (rank 0)."""
+    lock, error = None, None
+    if is_main():
+        try:
+            lock = _prepare_run_folder(cfg, command, world, start)
+        except Exception as e:  # raised below, after the other ranks have heard of it
+            error = e
+    if dist.is_initialized():
+        ok = torch.tensor([int(error is None)], device=device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not bool(ok) and error is None:
+            raise mic_runtime.RunLockError('rank 0 could not prepare the run folder (its message says why)')
+    if error is not None:
+        raise error
+    return lock
+
+
+def _prepare_run_folder(cfg, command, world, start):
+    work_dir = cfg.train.work_dir
+    lock = mic_runtime.RunLock(work_dir).acquire()
+    try:
+        if lock.took_over:
+            print0(lock.took_over)
+        removed = lock.remove_temp_files()  # a write that was killed midway (no other run writes here)
+        if removed:
+            print0(f'removed {len(removed)} temporary file(s) of an interrupted write from {work_dir}')
+        mic_runtime.check_writable(work_dir)
+        dropped = mic_report.truncate_log(os.path.join(work_dir, mic_report.LOG_NAME), start)
+        if dropped:
+            print0(f'log.jsonl: dropped {dropped} record(s) after iteration {start} (they are logged again)')
+        atomic_write_text(os.path.join(work_dir, 'config.yaml'), dump_yaml(cfg))
+        append_command(os.path.join(work_dir, 'command.txt'), command, world)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def best_from_log(work_dir):
+    """The best evaluation logged in work_dir/log.jsonl (after its truncation to the resumed
+    iteration), as metrics.json holds it, or None."""
+    path = os.path.join(work_dir, mic_report.LOG_NAME)
+    best = None
+    for r in (mic_report.read_log(path)[1] if os.path.isfile(path) else []):
+        entry = {**r['eval'], 'IoU': r.get('IoU'), 'iteration': r['iteration'],
+                 'checkpoint': os.path.join(work_dir, mic_report.BEST_NAME)}
+        if mic_report.is_best(entry, best):
+            best = entry
+    return best
+
+
+def link_or_copy(src, dst):
+    """dst becomes a copy of src, atomically: a hard link when the file system allows (no extra disk;
+    src is later replaced by a new file, dst keeps this one), else a copy."""
+    tmp = os.path.join(os.path.dirname(dst), f'.{os.path.basename(dst)}.link.tmp')
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        with open(src, 'rb') as f:
+            mic_runtime.atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 24))
+
+
+def time_to_checkpoint(cfg, last_save):
+    """train.ckpt_minutes passed since the last checkpoint (on this rank's clock)."""
+    minutes = cfg.train.ckpt_minutes
+    return bool(minutes) and time.monotonic() - last_save >= 60 * minutes
+
+
+def nonfinite_advice(work_dir):
+    """What to do after a divergence, saying what is true of the run folder: whether a checkpoint
+    exists, and whether the losses logged before it were already exploding (then resuming it would
+    diverge again)."""
+    fix = 'lower optim.lr, use train.amp=none or bf16 instead of fp16, or check the data'
+    ckpt = os.path.join(work_dir, 'latest.pth')
+    if not os.path.isfile(ckpt):
+        return f'No checkpoint was written yet: {fix}, then start again.'
+    kept = mic_model.read_checkpoint(ckpt, mmap=True).get('iteration')
+    where = f'{ckpt} holds iteration {kept} (the non-finite state was not saved)'
+    log = os.path.join(work_dir, mic_report.LOG_NAME)
+    totals = [(r['iteration'], mic_report.total_loss(r)) for r in
+              (mic_report.read_log(log)[0] if os.path.isfile(log) else []) if r['iteration'] <= (kept or 0)]
+    if len(totals) >= 3:
+        typical = statistics.median(t for _, t in totals)
+        it, last = totals[-1]
+        if last > EXPLODING * typical:
+            return (f'{where}, but the losses were already exploding then (total {last:.3g} at iteration {it}, '
+                    f'median {typical:.3g}): resuming it would diverge again. {fix}, then start again in a new '
+                    f'train.work_dir.')
+    return f'{where}: {fix}, then continue with --resume.'
+
+
+EXPLODING = 10  # a logged total loss this many times the run's median means the run was diverging
+
+
 def _train(cfg, resume, command, rank, world, device):
     work_dir = cfg.train.work_dir
     set_determinism(cfg.train.deterministic)
-    ckpt_path = None
-    if resume:
-        ckpt_path = os.path.join(work_dir, 'latest.pth') if resume == 'auto' else resume
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f'--resume: checkpoint {ckpt_path} does not exist')
-    if check_work_dir(cfg, resume):
-        path = os.path.join(work_dir, 'metrics.json')
-        if os.path.exists(path):
-            print0(f'{work_dir} already holds this config\'s finished run; its results: {path}. '
-                   'Delete the folder or set train.work_dir to train again.')
-            with open(path) as f:
-                metrics = json.load(f)
-            if metrics.get('mIoU') is not None:  # (a data.val without labels gives predictions only)
-                print0(f'target mIoU: {metrics["mIoU"]:.2f}')
+    ckpt_path = resume_path(work_dir, resume)
+    if check_work_dir(cfg, ckpt_path is not None):
+        metrics = finished_run(cfg)
+        if metrics is not None:
             return metrics
         # trained to the end, but stopped before the final evaluation wrote metrics.json
         print0(f'{work_dir} holds this config\'s fully trained run without metrics.json; evaluating it')
-        resume = 'auto'
         ckpt_path = os.path.join(work_dir, 'latest.pth')
-    if is_main():
-        removed = mic_runtime.remove_temp_files(work_dir)  # a checkpoint write that was killed midway
-        if removed:
-            print0(f'removed {len(removed)} temporary file(s) of an interrupted write from {work_dir}')
-        if cfg.data.demo.enabled:
-            mic_demo.ensure_demo_data(cfg.data.demo, log=print0)
+    if is_main() and cfg.data.demo.enabled:
+        mic_demo.ensure_demo_data(cfg.data.demo, log=print0)
     if dist.is_initialized():
         dist.barrier()
 
-    # Everything that can fail on bad input (model, weights, data) comes before the first file is
-    # written to the run folder, so that a failed start leaves no half-made run behind.
+    # Everything that can fail on bad input (model, weights, data, the validation split, the first
+    # batch) comes before the first file is written to the run folder, so that a failed start leaves
+    # no half-made run behind.
+    check_validation_split(cfg)
     seed_everything(cfg.train.seed + rank)
-    trainer = Trainer(cfg, device, rank, world, load_pretrained=not resume)
-    start = 0
-    ckpt = None
+    trainer = Trainer(cfg, device, rank, world, load_pretrained=not ckpt_path)
+    start, ckpt = 0, None
     if ckpt_path:
         ckpt = mic_model.read_checkpoint(ckpt_path)
         old = architecture(ckpt['config']['model'])
@@ -921,116 +1084,178 @@ def _train(cfg, resume, command, rank, world, device):
                               f'the config asks for {architecture(cfg.model)}')
         trainer.load_state_dict(ckpt)
         start = ckpt['iteration']
-    max_iters = cfg.train.max_iters
     loader = mic_data.build_train_loader(cfg.data, cfg.train.seed, rank=rank, start_iter=start) \
-        if start < max_iters else None
+        if start < cfg.train.max_iters else None
+    run = types.SimpleNamespace(cfg=cfg, trainer=trainer, device=device, work_dir=work_dir, start=start,
+                                classes=mic_data.class_table(cfg.data, cfg.model.num_classes), run_log=None,
+                                nonfinite=NonFiniteWatch(device), best=None, saved=None, last_save=time.monotonic(),
+                                it=start, command=command)
+    # the handlers go in before the loader's workers start, so that the workers inherit them
+    with mic_runtime.StopSignals() as stop:
+        try:
+            return _run(run, loader, ckpt, ckpt_path, command, world, stop)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f'{e} {nonfinite_advice(work_dir)}') from None
 
-    best = ckpt['meta'].get('best_mIoU') if ckpt else None
-    classes = mic_data.class_table(cfg.data, cfg.model.num_classes)  # names and colours of data.classes
-    if is_main():
-        mic_runtime.make_dirs(work_dir)
-        mic_runtime.check_writable(work_dir)
-        atomic_write_text(os.path.join(work_dir, 'config.yaml'), dump_yaml(cfg))
-        append_command(os.path.join(work_dir, 'command.txt'), command, world)
-    if ckpt_path:
-        print0(f'resumed {ckpt_path} at iteration {start}')
-    run_log = RunLog(cfg, start, enabled=is_main(), palette=classes.palette)
-    nonfinite = NonFiniteWatch(device)
 
-    def save(iteration):
-        nonfinite.check_before_checkpoint(trainer, iteration)
-        states = gather_rng_states()
-        if is_main():
-            checkpoint = {**trainer.state_dict(), 'iteration': iteration, 'rng': states,
-                          'sampler': {'next_index': iteration * cfg.data.batch_size}, 'config': stored(cfg),
-                          'meta': {'command': command, 'git_commit': git_commit(), 'best_mIoU': best,
-                                   'time': datetime.datetime.now().isoformat(timespec='seconds'),
-                                   'torch': str(torch.__version__), 'world_size': world}}
-            mic_runtime.atomic_write(os.path.join(work_dir, 'latest.pth'), lambda f: torch.save(checkpoint, f))
-
-    def evaluate(iteration, pred_dir=None):
-        nonlocal best
-        labelled = mic_data.has_labels(cfg.data.val)
-        if not labelled and iteration < max_iters:
-            return None  # without labels data.val only gets the final predictions
-        metrics = mic_eval.evaluate(trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
-                                    device=device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
-                                    synthia16=cfg.data.source.type == 'synthia',
-                                    num_workers=cfg.data.num_workers, classes=classes)
-        if 'mIoU' not in metrics and not labelled:
-            print0(f'data.val ({cfg.data.val.root}) has no labels: cannot compute mIoU, predictions only')
-            return {'mIoU': None, **metrics}
-        if 'mIoU' not in metrics:
-            raise mic_data.DataError(f'data.val ({cfg.data.val.root}, split {cfg.data.val.split}) is not fully '
-                                     'labelled: training evaluates on a labelled split; point data.val at one')
-        if best is None or metrics['mIoU'] > best:
-            best = metrics['mIoU']
-        run_log.write({'iteration': iteration, 'eval': {k: v for k, v in metrics.items() if k != 'IoU'},
-                       'IoU': metrics.get('IoU'), 'best_mIoU': best})
-        run_log.message(f'iteration {iteration}: target mIoU {metrics["mIoU"]:.2f} (best {best:.2f})')
-        run_log.report()
-        return metrics
-
-    it = start
+def _run(run, loader, ckpt, ckpt_path, command, world, stop):
+    """The run folder opened (locked) and the loop, then the final evaluation and metrics.json."""
+    cfg, work_dir, batches, lock = run.cfg, run.work_dir, None, None
     try:
+        first = None
         if loader is not None:
-            batches = iter(loader)
-            if ckpt is not None:  # after the loader is made: it draws its worker seed from the global RNG
-                set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
-            del ckpt
-            acc, acc_n, t_last, data_time = {}, 0, time.time(), 0.0
-            for it in range(start, max_iters):
-                t0 = time.time()
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-                data_time += time.time() - t0
-                keep_debug = cfg.train.debug_img_interval > 0 and it % cfg.train.debug_img_interval == 0
-                logs = trainer.step(batch, it, keep_debug=keep_debug)
-                nonfinite.update(it, logs)  # on the device: no host synchronisation per iteration
-                for k, v in logs.items():
-                    acc[k] = acc.get(k, 0) + v.detach().float()
-                acc_n += 1
-                if keep_debug:
-                    run_log.debug_grid(trainer, it)
-                trainer.debug = None
-                run_log.progress.update()
-                done = it + 1
-                if done % cfg.train.log_interval == 0 or done == max_iters:
-                    nonfinite.check()
-                    dt = (time.time() - t_last) / acc_n
-                    record = {'iteration': done, **{k: round(float(v) / acc_n, 6) for k, v in acc.items()},
-                              'time_per_iter': round(dt, 4), 'data_time': round(data_time / acc_n, 4),
-                              'memory_mb': round(memory_mb(device))}
-                    run_log.train_record(record, trainer.optimizers)
-                    acc, acc_n, t_last, data_time = {}, 0, time.time(), 0.0
-                if cfg.train.eval_interval and done % cfg.train.eval_interval == 0 and done < max_iters:
-                    evaluate(done)
-                if (cfg.train.ckpt_interval and done % cfg.train.ckpt_interval == 0) or done == max_iters:
-                    save(done)
-            it = max_iters
+            batches, first = first_batches(loader, ckpt, run.trainer.rank)
+        del ckpt
+        lock = open_run_folder(cfg, command, world, run.start, run.device)
+        if ckpt_path:
+            print0(f'resumed {ckpt_path} at iteration {run.start}')
+        run.best = best_from_log(work_dir) if is_main() else None
+        run.run_log = RunLog(cfg, run.start, enabled=is_main(), palette=run.classes.palette)
+        if loader is not None:
+            train_iterations(run, itertools.chain([first], batches), stop)
         else:
-            print0(f'{work_dir} already trained to iteration {max_iters}; evaluating')
-        metrics = evaluate(max_iters, pred_dir=os.path.join(work_dir, 'preds') if is_main() else None)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(it, work_dir) from None
+            print0(f'{work_dir} already trained to iteration {cfg.train.max_iters}; evaluating')
+        metrics = evaluate_run(run, cfg.train.max_iters, pred_dir=os.path.join(work_dir, 'preds') if is_main() else None)
+    except KeyboardInterrupt:  # the third Ctrl-C (StopSignals): no checkpoint
+        raise TrainingInterrupted(run.it, work_dir) from None
     finally:
-        run_log.close()
+        close_batches(batches)
+        if run.run_log is not None:
+            run.run_log.close()
+        if lock is not None:
+            lock.release()
     if is_main():
-        final = {**metrics, 'checkpoint': os.path.join(work_dir, 'latest.pth')}
-        mic_runtime.save_json(os.path.join(work_dir, 'metrics.json'), final)
-        if metrics['mIoU'] is None:
-            print0(f'trained {max_iters} iterations; no mIoU without labels: predictions in {work_dir}/preds')
-        else:
-            print0(f'target mIoU after {max_iters} iterations: {metrics["mIoU"]:.2f} '
-                   f'(per class: {work_dir}/metrics.json, predictions: {work_dir}/preds)')
+        write_metrics(run, metrics)
     return metrics
 
 
+def train_iterations(run, batches, stop):
+    """Iterations run.start..max_iters: log records, checkpoints (every train.ckpt_interval iterations,
+    every train.ckpt_minutes, at every evaluation and at the end), evaluations (after the checkpoint),
+    and a stop on request (SIGTERM, SIGUSR1, SIGINT) with a checkpoint at the iteration reached."""
+    trainer, t = run.trainer, run.cfg.train
+    acc, acc_n, t_last, data_time = {}, 0, time.time(), 0.0
+    for it in range(run.start, t.max_iters):
+        run.it = it
+        t0 = time.time()
+        batch = {k: v.to(run.device, non_blocking=True) for k, v in next(batches).items()}
+        data_time += time.time() - t0
+        keep_debug = t.debug_img_interval > 0 and it % t.debug_img_interval == 0
+        logs = trainer.step(batch, it, keep_debug=keep_debug)
+        run.nonfinite.update(it, logs)  # on the device: no host synchronisation per iteration
+        for k, v in logs.items():
+            acc[k] = acc.get(k, 0) + v.detach().float()
+        acc_n += 1
+        if keep_debug:
+            run.run_log.debug_grid(trainer, it)
+        trainer.debug = None
+        run.run_log.progress.update()
+        done = run.it = it + 1
+        if done % t.log_interval == 0 or done == t.max_iters:
+            run.nonfinite.check()
+            dt = (time.time() - t_last) / acc_n
+            record = {'iteration': done, **{k: round(float(v) / acc_n, 6) for k, v in acc.items()},
+                      'time_per_iter': round(dt, 4), 'data_time': round(data_time / acc_n, 4),
+                      'memory_mb': round(memory_mb(run.device))}
+            run.run_log.train_record(record, trainer.optimizers)
+            acc, acc_n, t_last, data_time = {}, 0, time.time(), 0.0
+        evaluating = t.eval_interval and done % t.eval_interval == 0 and done < t.max_iters
+        if evaluating or (t.ckpt_interval and done % t.ckpt_interval == 0) or done == t.max_iters:
+            save_checkpoint(run, done)
+        if evaluating:
+            evaluate_run(run, done)
+        stop_if_asked(run, stop, done)
+
+
+def stop_if_asked(run, stop, done):
+    """Once per iteration on every rank: a checkpoint when train.ckpt_minutes passed, and on a stop
+    signal (agreed by all ranks) a checkpoint at `done` and TrainingStopped."""
+    signal_name = stop.agreed(run.device, checkpoint_due=time_to_checkpoint(run.cfg, run.last_save))
+    if (signal_name or stop.checkpoint_due) and run.saved != done:
+        save_checkpoint(run, done)
+    if signal_name:
+        raise TrainingStopped(signal_name, done)
+
+
+def save_checkpoint(run, iteration):
+    """latest.pth at `iteration` (rank 0 writes; every rank takes part: the RNG states are gathered).
+    Refused when the losses or weights are non-finite, so that a bad state never replaces a good file."""
+    run.nonfinite.check_before_checkpoint(run.trainer, iteration)
+    states = gather_rng_states()
+    if is_main():
+        cfg = run.cfg
+        checkpoint = {**run.trainer.state_dict(), 'iteration': iteration, 'rng': states,
+                      'sampler': {'next_index': iteration * cfg.data.batch_size}, 'config': stored(cfg),
+                      'meta': {'command': run.command, 'git_commit': git_commit(),
+                               'best_mIoU': run.best['mIoU'] if run.best else None,
+                               'time': datetime.datetime.now().isoformat(timespec='seconds'),
+                               'torch': str(torch.__version__), 'world_size': run.trainer.world}}
+        mic_runtime.atomic_write(os.path.join(run.work_dir, 'latest.pth'), lambda f: torch.save(checkpoint, f))
+    run.saved, run.last_save = iteration, time.monotonic()
+
+
+def evaluate_run(run, iteration, pred_dir=None):
+    """Evaluate the student on data.val at `iteration` (after latest.pth of that iteration is written):
+    log it, and make best.pth a copy of latest.pth when it is the best so far (mic_report.is_best)."""
+    cfg, run_log = run.cfg, run.run_log
+    labelled = mic_data.has_labels(cfg.data.val)
+    if not labelled and iteration < cfg.train.max_iters:
+        return None  # without labels data.val only gets the final predictions
+    metrics = mic_eval.evaluate(run.trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
+                                device=run.device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
+                                synthia16=cfg.data.source.type == 'synthia',
+                                num_workers=cfg.data.num_workers, classes=run.classes)
+    if 'mIoU' not in metrics and not labelled:
+        print0(f'data.val ({cfg.data.val.root}) has no labels: cannot compute mIoU, predictions only')
+        return {'mIoU': None, **metrics}
+    if 'mIoU' not in metrics:
+        raise mic_data.DataError(f'data.val ({cfg.data.val.root}, split {cfg.data.val.split}) is not fully '
+                                 'labelled: training evaluates on a labelled split; point data.val at one')
+    entry = {**metrics, 'iteration': iteration, 'checkpoint': os.path.join(run.work_dir, mic_report.BEST_NAME)}
+    if is_main() and mic_report.is_best(entry, run.best):
+        run.best = entry
+        link_or_copy(os.path.join(run.work_dir, 'latest.pth'), entry['checkpoint'])
+    best = run.best['mIoU'] if run.best else metrics['mIoU']
+    run_log.write({'iteration': iteration, 'eval': {k: v for k, v in metrics.items() if k != 'IoU'},
+                   'IoU': metrics.get('IoU'), 'best_mIoU': best})
+    run_log.message(f'iteration {iteration}: target mIoU {metrics["mIoU"]:.2f} (best {best:.2f})')
+    run_log.report()
+    return metrics
+
+
+def write_metrics(run, metrics):
+    """metrics.json: the final evaluation, and the best one (mic_report.metrics_record)."""
+    work_dir, max_iters = run.work_dir, run.cfg.train.max_iters
+    last = {**metrics, 'iteration': max_iters, 'checkpoint': os.path.join(work_dir, 'latest.pth')}
+    mic_runtime.save_json(os.path.join(work_dir, 'metrics.json'), mic_report.metrics_record(last, run.best))
+    if metrics['mIoU'] is None:
+        print0(f'trained {max_iters} iterations; no mIoU without labels: predictions in {work_dir}/preds')
+    else:
+        print0(f'target mIoU after {max_iters} iterations: {metrics["mIoU"]:.2f} '
+               f'(per class: {work_dir}/metrics.json, predictions: {work_dir}/preds)')
+
+
+class TrainingStopped(Exception):
+    """A stop asked for by a signal, after latest.pth was written at the iteration reached; `status`
+    is the exit status (mic_runtime.stop_exit_status: 130 SIGINT, 138 SIGUSR1, 143 SIGTERM)."""
+
+    def __init__(self, signal_name, iteration):
+        self.status = mic_runtime.stop_exit_status(signal_name)
+        super().__init__(f'stopped by {signal_name} at iteration {iteration}; latest.pth holds iteration '
+                         f'{iteration}; continue with --resume')
+
+
 class TrainingInterrupted(Exception):
-    """Ctrl-C (or SIGINT): the message says where the run stopped and how to continue it."""
+    """An abort without a checkpoint (the third Ctrl-C, or Ctrl-C before the loop): the message says
+    where the run stopped and how to continue it."""
 
     def __init__(self, iteration, work_dir):
         ckpt = os.path.join(work_dir, 'latest.pth')
-        kept = mic_model.read_checkpoint(ckpt, mmap=True).get('iteration') if os.path.isfile(ckpt) else None
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # one more Ctrl-C here would print a traceback
+        try:
+            kept = mic_model.read_checkpoint(ckpt, mmap=True).get('iteration') if os.path.isfile(ckpt) else None
+        finally:
+            signal.signal(signal.SIGINT, previous)
         where = f'the checkpoint {ckpt} holds iteration {kept}' if kept is not None else 'no checkpoint was written yet'
         super().__init__(f'training interrupted at iteration {iteration}; {where}. Continue it with the same '
                          f'command plus --resume' + ('' if kept is not None else ' (or start it again)'))
@@ -1057,8 +1282,7 @@ class NonFiniteWatch:
     def check(self):
         if self.bad is not None and bool(self.bad.any()):  # the one synchronisation, at a log interval or checkpoint
             names = [k for k, b in zip(self.keys, self.bad.tolist()) if b]
-            raise NonFiniteLossError(f'non-finite loss at iteration {int(self.first)}: {", ".join(names)}. '
-                                     f'{NONFINITE_ADVICE}')
+            raise NonFiniteLossError(f'non-finite loss at iteration {int(self.first)}: {", ".join(names)}.')
 
     def check_before_checkpoint(self, trainer, iteration):
         self.check()
@@ -1066,11 +1290,7 @@ class NonFiniteWatch:
                               trainer.modules[m].parameters()]).all()
         if not bool(finite):
             raise NonFiniteLossError(f'the weights became non-finite by iteration {iteration} (the losses were '
-                                     f'finite: an overflow in the update); {NONFINITE_ADVICE}')
-
-
-NONFINITE_ADVICE = ('The last checkpoint is intact (the non-finite state was not saved); lower optim.lr, use '
-                    'train.amp=none or bf16 instead of fp16, or check the data, then continue with --resume.')
+                                     f'finite: an overflow in the update).')
 
 
 def append_command(path, command, world):
@@ -1102,22 +1322,29 @@ def benchmark(cfg, iters):
         batch = {k: v.to(device) for k, v in batch.items()}
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
-        times = []
+        times, checks = [], []
         warmup = min(3, max(iters - 1, 0))
-        for i in range(warmup + iters):
-            if device.type == 'cuda':
-                torch.cuda.synchronize(device)
-            t = time.perf_counter()
-            trainer.step(batch, 1000 + i)
-            if device.type == 'cuda':
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
+        with mic_runtime.StopSignals() as stop:  # the run loop's stop check, timed on its own
+            for i in range(warmup + iters):
+                if device.type == 'cuda':
+                    torch.cuda.synchronize(device)
+                t = time.perf_counter()
+                trainer.step(batch, 1000 + i)
+                t_check = time.perf_counter()
+                stop.agreed(device)
+                t_end = time.perf_counter()
+                if device.type == 'cuda':
+                    torch.cuda.synchronize(device)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t - (t_end - t_check))
+                    checks.append(t_end - t_check)
         result = {'config': cfg.train.work_dir, 'device': str(device),
                   'gpu': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
                   'amp': cfg.train.amp, 'activation_checkpointing': cfg.model.activation_checkpointing,
                   'compile': cfg.train.compile, 'batch': B, 'crop': [H, W], 'iterations': iters,
                   'median_s_per_iter': round(statistics.median(times), 4), 'peak_memory_mb': round(memory_mb(device)),
+                  'stop_check_median_s': float(f'{statistics.median(checks):.3g}'),
+                  'stop_check_share': float(f'{statistics.median(checks) / statistics.median(times):.3g}'),
                   'world_size': world, 'torch': torch.__version__}
         print0(json.dumps(result))
         return result
@@ -1159,11 +1386,14 @@ def main(argv=None):
             return benchmark(cfg, args.benchmark)
         command = ' '.join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv)))
         return train(cfg, args.resume, command)
+    except TrainingStopped as e:
+        print0(e)
+        sys.exit(e.status)
     except TrainingInterrupted as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(130)  # the shell's status for Ctrl-C
     except (ConfigError, mic_data.DataError, mic_model.CheckpointError, FileNotFoundError, NonFiniteLossError,
-            mic_report.MissingPackageError) as e:
+            mic_report.MissingPackageError, mic_runtime.RunLockError) as e:
         exit_error(e)
 
 
@@ -1185,11 +1415,14 @@ def run_experiment(args, argv):
         for name, metrics in results.items():
             print0(f'{name}: target mIoU {metrics["mIoU"]:.2f}')
         return results
+    except TrainingStopped as e:
+        print0(e)
+        sys.exit(e.status)
     except TrainingInterrupted as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(130)
     except (ConfigError, mic_data.DataError, mic_model.CheckpointError, FileNotFoundError, NonFiniteLossError,
-            mic_report.MissingPackageError) as e:
+            mic_report.MissingPackageError, mic_runtime.RunLockError) as e:
         exit_error(e)
 
 

@@ -249,3 +249,98 @@ def test_gradients_have_their_parameters_strides():
     trainer.step(synthetic_batch(seed=0), 0)
     params = [(n, p) for n, p in trainer.student.named_parameters() if p.grad is not None]
     assert params and [n for n, p in params if p.grad.stride() != p.stride()] == []
+
+
+# --------------------------------------------------------------------------
+# mic_train end to end: stops at random iterations, torchrun, checks before iteration 1
+# --------------------------------------------------------------------------
+
+sys.path.insert(0, os.path.join(REPO, 'tests'))
+from test_train_run import tiny_opts  # noqa: E402  (the tiny demo of the end-to-end tests)
+
+SOAK_ITERS = 16
+STATUS = {'SIGTERM': 143, 'SIGUSR1': 138, 'SIGINT': 130}
+
+
+@pytest.fixture(scope='module')
+def soak_demo(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('soak_demo'))
+
+
+def soak_opts(demo, work, *extra):
+    """The tiniest run: DAFormer (no HRDA) on 32x32 crops of 64x32 scenes, a 16-wide decoder, no
+    evaluation before the end, a log record every iteration, checkpoints only at the end."""
+    return tiny_opts(demo, work, 'model.type=encoder_decoder', 'data.crop_size=[32,32]',
+                     'model.decode_head.embed_dims=16', 'data.demo.width=64', 'data.demo.height=32',
+                     'data.source.img_scale=[64,32]', 'data.target.img_scale=[64,32]', 'data.val.img_scale=[64,32]',
+                     'model.test.crop_size=[32,32]', 'model.test.stride=[32,32]', 'uda.mask_block_size=8',
+                     'optim.warmup_iters=0', f'train.max_iters={SOAK_ITERS}', 'train.log_interval=1',
+                     'train.eval_interval=0', 'train.ckpt_interval=0', 'train.debug_img_interval=0',
+                     'data.rcs.min_pixels=1', *extra)
+
+
+def train_main(demo, work, *extra, resume=True):
+    argv = ['--cfg', os.path.join(REPO, 'configs/gta2cs.yaml'), '--opt', *soak_opts(demo, str(work), *extra)]
+    import mic_train
+    return mic_train.main(argv + (['--resume'] if resume else []))
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models run fastest on one thread
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.soak
+def test_soak_stops_at_random_iterations(soak_demo, tmp_path, monkeypatch, capsys, one_thread):
+    """SIGTERM, SIGUSR1 and SIGINT in turn at 10 random iterations, each followed by --resume (which
+    starts the run the first time): the final weights are those of an uninterrupted run, latest.pth
+    holds the iteration reached at every stop, and log.jsonl holds each iteration once."""
+    import random
+
+    import mic_train
+    train_main(soak_demo, tmp_path / 'full', resume=False)
+    full = torch.load(tmp_path / 'full' / 'latest.pth', weights_only=True)
+    stops = sorted(random.Random(0).sample(range(SOAK_ITERS - 1), 10))  # 0-based iterations, distinct
+    names = [('SIGTERM', 'SIGUSR1', 'SIGINT')[i % 3] for i in range(len(stops))]
+    original = mic_train.Trainer.step
+    plan = dict(zip(stops, names))
+
+    def step_then_signal(self, batch, iteration, keep_debug=False):
+        logs = original(self, batch, iteration, keep_debug)
+        if iteration in plan:  # a real signal to this process, during the iteration
+            os.kill(os.getpid(), getattr(signal, plan.pop(iteration)))
+        return logs
+    monkeypatch.setattr(mic_train.Trainer, 'step', step_then_signal)
+    work = tmp_path / 'cut'
+    capsys.readouterr()
+    for it, name in zip(stops, names):
+        with pytest.raises(SystemExit) as e:
+            train_main(soak_demo, work)
+        out, err = capsys.readouterr()
+        assert e.value.code == STATUS[name] and 'Traceback' not in err, err
+        assert f'stopped by {name} at iteration {it + 1}; latest.pth holds iteration {it + 1}; continue with ' \
+               f'--resume' in out
+        assert torch.load(work / 'latest.pth', weights_only=True)['iteration'] == it + 1
+        assert not os.path.exists(work / '.lock')
+    train_main(soak_demo, work)
+    cut = torch.load(work / 'latest.pth', weights_only=True)
+    for part in ('modules', 'optimizers'):
+        for name, state in full[part].items():
+            flat_a, flat_b = _flatten(state), _flatten(cut[part][name])
+            assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), (part, name)
+    records = [json.loads(line) for line in open(work / 'log.jsonl')]
+    assert [r['iteration'] for r in records if 'eval' not in r] == list(range(1, SOAK_ITERS + 1))
+    assert [r['iteration'] for r in records if 'eval' in r] == [SOAK_ITERS]
+
+
+def _flatten(state, prefix=''):
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f'{prefix}{k}.'))
+        elif torch.is_tensor(v):
+            out[f'{prefix}{k}'] = v
+    return out
