@@ -344,3 +344,127 @@ def _flatten(state, prefix=''):
         elif torch.is_tensor(v):
             out[f'{prefix}{k}'] = v
     return out
+
+
+def _processes_mentioning(text):
+    """PIDs of live processes whose command line holds `text` (DataLoader workers share their parent's)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                if text.encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def _wait_for_log(work, iteration, proc, timeout=300):
+    """Block until log.jsonl of `work` records `iteration` (the loop is running)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if any(json.loads(line).get('iteration', 0) >= iteration for line in open(work / 'log.jsonl')):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f'no log record of iteration {iteration}: {proc.poll()}')
+
+
+def _soak_command(demo, work, *extra, launcher=()):
+    return [sys.executable, *launcher, os.path.join(REPO, 'mic_train.py'), '--cfg',
+            os.path.join(REPO, 'configs/gta2cs.yaml'), '--opt', *soak_opts(demo, str(work), *extra), '--resume']
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+def test_sigint_to_the_process_group_with_loader_workers(soak_demo, tmp_path, one_thread):
+    """Ctrl-C in a terminal reaches the whole process group: the training and its DataLoader workers.
+    One clean line, status 130, no worker traceback, and no worker left once the training has exited."""
+    train_main(soak_demo, tmp_path / 'prepare', 'train.max_iters=1', resume=False)  # the demo data exist now
+    work = tmp_path / 'workers'
+    cmd = _soak_command(soak_demo, work, 'train.max_iters=100000', 'data.num_workers=2')
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    _wait_for_log(work, 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # twice, as an impatient user does
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and 'Traceback' not in err, err[-3000:]
+    n = torch.load(work / 'latest.pth', weights_only=True)['iteration']
+    assert f'stopped by SIGINT at iteration {n}; latest.pth holds iteration {n}' in out
+    assert _processes_mentioning(str(work)) == []  # the workers ended before the training did
+
+
+def test_torchrun_sigterm_saves_one_consistent_checkpoint(soak_demo, tmp_path, one_thread):
+    """SIGTERM to torchrun (2 gloo ranks on the CPU): it forwards it to both ranks, which agree on one
+    iteration, save latest.pth there and exit 143. No DDP warning on the way."""
+    train_main(soak_demo, tmp_path / 'prepare', 'train.max_iters=1', resume=False)
+    work = tmp_path / 'ddp'
+    cmd = _soak_command(soak_demo, work, 'train.max_iters=100000',
+                        launcher=('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    _wait_for_log(work, 3, proc)
+    proc.send_signal(signal.SIGTERM)  # to torchrun only
+    out, err = proc.communicate(timeout=300)
+    ckpt = torch.load(work / 'latest.pth', weights_only=True)
+    n = ckpt['iteration']
+    assert f'stopped by SIGTERM at iteration {n}; latest.pth holds iteration {n}' in out, (out[-2000:], err[-3000:])
+    assert ckpt['meta']['world_size'] == 2 and len(ckpt['rng']) == 2
+    records = [json.loads(line) for line in open(work / 'log.jsonl')]
+    assert records[-1]['iteration'] == n  # logged every iteration: the last record is the checkpoint's
+    assert 'Grad strides do not match' not in err and 'FutureWarning' not in err, err[-3000:]
+    assert not os.path.exists(work / '.lock') and _processes_mentioning(str(work)) == []
+
+
+def test_wrong_validation_split_fails_before_iteration_1(soak_demo, tmp_path, capsys, one_thread):
+    work = tmp_path / 'never'
+    with pytest.raises(SystemExit) as e:
+        train_main(soak_demo, work, f'data.val.root={tmp_path}/cityscapes_typo', resume=False)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and f'{tmp_path}/cityscapes_typo' in err and 'iteration 1' not in out
+    assert not work.exists()
+
+
+def test_a_second_training_in_a_live_run_folder_is_refused(soak_demo, tmp_path, capsys, one_thread):
+    work = tmp_path / 'live'
+    work.mkdir()
+    import socket
+    (work / '.lock').write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getppid(),
+                                            'since': '2001-01-01T00:00:00'}))
+    (work / '.latest.pth.0123abcd.tmp').write_bytes(b'being written by the live run')
+    with pytest.raises(SystemExit) as e:
+        train_main(soak_demo, work)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f'process {os.getppid()} on this host' in err
+    assert sorted(os.listdir(work)) == ['.latest.pth.0123abcd.tmp', '.lock']  # nothing touched
+
+
+def test_non_finite_advice_says_what_is_true(soak_demo, tmp_path, monkeypatch, capsys, one_thread):
+    import mic_train
+    original = mic_train.Trainer.step
+
+    def diverging(self, batch, iteration, keep_debug=False):
+        logs = original(self, batch, iteration, keep_debug)
+        if iteration >= 5:  # finite but exploding from iteration 6 on, NaN at iteration 10
+            logs['mix.loss_seg'] = torch.tensor(float('nan') if iteration == 9 else 1e10)
+        return logs
+    monkeypatch.setattr(mic_train.Trainer, 'step', diverging)
+    with pytest.raises(SystemExit):  # no checkpoint yet
+        train_main(soak_demo, tmp_path / 'a', 'train.ckpt_interval=20', resume=False)
+    err = capsys.readouterr().err
+    assert 'non-finite loss at iteration 9: mix.loss_seg' in err and 'No checkpoint was written yet' in err
+    assert '--resume' not in err
+    with pytest.raises(SystemExit):  # a checkpoint at 8, taken while the losses were exploding
+        train_main(soak_demo, tmp_path / 'b', 'train.ckpt_interval=4', resume=False)
+    err = capsys.readouterr().err
+    assert 'holds iteration 8' in err and 'already exploding' in err and 'new train.work_dir' in err
+    monkeypatch.setattr(mic_train.Trainer, 'step', lambda self, b, i, keep_debug=False: (
+        {**original(self, b, i, keep_debug), 'mix.loss_seg': torch.tensor(float('nan'))} if i == 6
+        else original(self, b, i, keep_debug)))
+    with pytest.raises(SystemExit):  # a checkpoint at 4, before anything went wrong: resume it
+        train_main(soak_demo, tmp_path / 'd', 'train.ckpt_interval=4', resume=False)
+    err = capsys.readouterr().err
+    assert 'holds iteration 4' in err and 'continue with --resume' in err and 'exploding' not in err
