@@ -4,13 +4,24 @@
     python mic_train.py --cfg configs/gta2cs.yaml        # MIC(HRDA) GTA->Cityscapes on one GPU
     torchrun --standalone --nproc_per_node=4 mic_train.py --cfg configs/gta2cs.yaml   # 4 GPUs (batch 2 per GPU)
     python mic_train.py --cfg configs/gta2cs.yaml --resume            # continue from train.work_dir/latest.pth
+                                                                      # (a new run when there is none yet)
     python mic_train.py --cfg configs/gta2cs.yaml --opt train.amp=bf16 model.activation_checkpointing=true
     python mic_train.py --cfg configs/gta2cs.yaml --benchmark 20      # s/iteration and peak memory, no data needed
 
 The run folder (train.work_dir) receives config.yaml (the resolved config), command.txt,
 log.jsonl (losses, lr, pseudo-label confidence, time, memory; evaluations), debug/ (image
-grids), latest.pth (student, teachers, optimizer, RNG, iteration, config) and, at the end,
-metrics.json and preds/ from the evaluation on data.val.
+grids), latest.pth (student, teachers, optimizer, RNG, iteration, config; every
+train.ckpt_interval iterations or train.ckpt_minutes, and before every evaluation), best.pth
+(the checkpoint of the best evaluation) and, at the end, metrics.json (the last evaluation, and
+the best under 'best') and preds/ from the evaluation on data.val. Nothing is written before the
+config, the data (data.val included) and the first batch are checked. A running training holds
+the lock RUN/.lock: a second one in the same folder is refused.
+
+On SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) the training finishes the current iteration, writes
+latest.pth at that iteration, prints 'stopped by SIGTERM at iteration N; latest.pth holds
+iteration N; continue with --resume' and exits with 128 + the signal's number (143, 138, 130);
+under torchrun all ranks stop at the same iteration. A third Ctrl-C aborts without a checkpoint.
+Cluster recipes (Slurm requeue, torchrun restarts): docs/cluster.md.
 
 One iteration (SPEC section 4): EMA teacher update -> source loss (+ ImageNet feature
 distance) -> teacher pseudo-labels on the target -> ClassMix + strong augmentation ->
@@ -1201,10 +1212,16 @@ def evaluate_run(run, iteration, pred_dir=None):
     labelled = mic_data.has_labels(cfg.data.val)
     if not labelled and iteration < cfg.train.max_iters:
         return None  # without labels data.val only gets the final predictions
-    metrics = mic_eval.evaluate(run.trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
-                                device=run.device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
-                                synthia16=cfg.data.source.type == 'synthia',
-                                num_workers=cfg.data.num_workers, classes=run.classes)
+    # The evaluation draws from the global RNG (its DataLoader's seed). latest.pth of this iteration was
+    # written before it, so the training must go on with the numbers it had then: a resumed run is exact.
+    state = rng_state()
+    try:
+        metrics = mic_eval.evaluate(run.trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
+                                    device=run.device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
+                                    synthia16=cfg.data.source.type == 'synthia',
+                                    num_workers=cfg.data.num_workers, classes=run.classes)
+    finally:
+        set_rng_state(state)
     if 'mIoU' not in metrics and not labelled:
         print0(f'data.val ({cfg.data.val.root}) has no labels: cannot compute mIoU, predictions only')
         return {'mIoU': None, **metrics}
@@ -1365,7 +1382,9 @@ def main(argv=None):
     parser.add_argument('--opt', nargs='+', default=[], metavar='KEY=VALUE',
                         help='config overrides, e.g. train.max_iters=1000 model.pretrained=null data.batch_size=1')
     parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
-                        help='continue a run exactly (default checkpoint: train.work_dir/latest.pth)')
+                        help='continue a run exactly; --resume (= --resume auto): from train.work_dir/latest.pth, '
+                             'or a new run when there is none yet (one command for the first start and every '
+                             'restart); --resume CKPT: from that file')
     parser.add_argument('--benchmark', type=int, default=None, metavar='N',
                         help='time N iterations on synthetic tensors of the config\'s sizes; prints median '
                              's/iteration and peak memory, needs no dataset')
