@@ -31,100 +31,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mic_config import CITYSCAPES_CLASSES, ConfigError, DatasetConfig, resolve_classes, resolve_section, validated
+from mic_classes import (CLASSES, CS_ID_COLOURS, CS_ID_TO_TRAIN_ID, IGNORE_INDEX, PALETTE,  # noqa: F401 (re-exported)
+                         SYNTHIA_CLASS_NAMES, SYNTHIA_CLASSES, SYNTHIA_ID_TO_TRAIN_ID, TRAIN_ID_TO_CS_ID, ClassTable,
+                         class_table, colorize, id_lut)
+from mic_config import ConfigError, DatasetConfig, resolve_section, validated
 from mic_runtime import DataError, OutputError, atomic_write, exit_error, is_temp_file, make_dirs  # noqa: F401 (re-exported)
 
-# --------------------------------------------------------------------------
-# Classes, palettes, label-id tables
-# --------------------------------------------------------------------------
-
-# The Cityscapes classes of the benchmarks (the default data.classes; the table is in mic_config)
-CLASSES = tuple(CITYSCAPES_CLASSES['names'])  # train ids 0..18: road, sidewalk, ..., bicycle
-PALETTE = tuple(tuple(c) for c in CITYSCAPES_CLASSES['palette'])  # Cityscapes colours of the train ids
-IGNORE_INDEX = 255  # unlabelled pixels, inside the code (data.classes.ignore_index is read as this)
-SYNTHIA_CLASSES = tuple(c for c in range(19) if c not in (9, 14, 16))  # Synthia has no terrain, truck, train
-SYNTHIA_CLASS_NAMES = tuple(CLASSES[c] for c in SYNTHIA_CLASSES)  # mIoU16: these classes of any class table
+# The classes, their colours and the label-id tables are in mic_classes (re-exported above).
 IMG_MEAN = (123.675, 116.28, 103.53)  # ImageNet statistics, RGB, 0..255
 IMG_STD = (58.395, 57.12, 57.375)
-
-# Cityscapes label id -> train id (GTA labels use the same ids); every other id is ignored (255)
-CS_ID_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
-                     24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-# train id -> Cityscapes label id, for test-set exports (ignore -> 0 'unlabeled')
-TRAIN_ID_TO_CS_ID = {**{t: i for i, t in CS_ID_TO_TRAIN_ID.items()}, IGNORE_INDEX: 0}
-# Synthia (RAND-CITYSCAPES, first channel of GT/LABELS) id -> train id
-SYNTHIA_ID_TO_TRAIN_ID = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10,
-                          10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
-# Cityscapes label-id colours (cityscapesScripts), for the palette of GTA-style label PNGs
-CS_ID_COLOURS = {0: (0, 0, 0), 1: (0, 0, 0), 2: (0, 0, 0), 3: (0, 0, 0), 4: (0, 0, 0), 5: (111, 74, 0),
-                 6: (81, 0, 81), 9: (250, 170, 160), 10: (230, 150, 140), 14: (180, 165, 180),
-                 15: (150, 100, 100), 16: (150, 120, 90), 18: (153, 153, 153), 29: (0, 0, 90),
-                 30: (0, 0, 110), **{i: PALETTE[t] for i, t in CS_ID_TO_TRAIN_ID.items()}}
-
-
-def id_lut(mapping, size=256):
-    """A lookup table [size] uint8: lut[id] = train id, IGNORE_INDEX for ids not in `mapping`."""
-    lut = np.full(size, IGNORE_INDEX, np.uint8)
-    for k, v in mapping.items():
-        lut[k] = v
-    return lut
-
-
-def colorize(label, palette=None):
-    """Train-id map [H,W] -> RGB [H,W,3] uint8: colour palette[i] for train id i (default: the
-    Cityscapes PALETTE); ignore and ids beyond the palette black."""
-    palette = PALETTE if palette is None else palette
-    lut = np.zeros((256, 3), np.uint8)
-    lut[:len(palette)] = palette
-    return lut[np.asarray(label, dtype=np.uint8)]
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassTable:
-    """The classes of a task (data.classes): train id i is names[i], drawn in palette[i].
-
-    ignore_index: the value of unlabelled pixels in the label files (read as IGNORE_INDEX = 255);
-    things: the train ids of the 'thing' classes (the default of uda.fd_classes).
-    """
-    names: tuple
-    palette: tuple
-    ignore_index: int = IGNORE_INDEX
-    things: tuple = ()
-
-    @property
-    def num_classes(self):
-        return len(self.names)
-
-    def colorize(self, label):
-        return colorize(label, self.palette)
-
-    def check_label(self, label, path):
-        """A label as read ([H,W] uint8) -> the same with ignore_index as IGNORE_INDEX. DataError naming
-        the file and the values when a pixel holds neither a train id 0..K-1 nor ignore_index."""
-        K, ignore = self.num_classes, self.ignore_index
-        counts = np.bincount(np.asarray(label).ravel(), minlength=256)
-        counts[:K] = 0
-        counts[ignore] = 0
-        if counts.any():
-            bad = np.flatnonzero(counts)
-            found = ', '.join(f'{v} ({counts[v]} pixels)' for v in bad[:8]) + (', ...' if len(bad) > 8 else '')
-            raise DataError(f'label {path} holds values outside the train ids 0..{K - 1} of the {K} classes '
-                            f'(data.classes) and {ignore} (unlabelled): {found}; convert raw labels to train ids '
-                            f'first (python convert_labels.py), or correct data.classes')
-        if ignore != IGNORE_INDEX:
-            label = np.where(label == ignore, np.uint8(IGNORE_INDEX), label)
-        return label
-
-
-def class_table(classes=None, num_classes=None):
-    """The ClassTable of a data section (cfg.data) or a data.classes value (None: Cityscapes).
-    num_classes: model.num_classes when known (see mic_config.resolve_classes)."""
-    if isinstance(classes, ClassTable):
-        return classes
-    try:
-        return ClassTable(**resolve_classes(classes, num_classes))
-    except ConfigError as e:
-        raise DataError(str(e)) from None
 
 
 # --------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""MIC's segmentation models in plain PyTorch: the MiT and ResNet-V1c encoders, the DAFormer,
-SegFormer and DeepLabV2 decoders, the HRDA multi-resolution segmentor, inference and checkpoint loading.
+"""MIC's segmentation models in plain PyTorch: the MiT, ResNet-V1c and DINOv2 encoders, the DAFormer,
+SegFormer, DeepLabV2 and VFM-UDA decoders, the HRDA multi-resolution segmentor, inference and checkpoint
+loading.
 
     import mic_model, mic_train
     cfg = mic_train.load_config('configs/gta2cs.yaml')
@@ -354,6 +355,326 @@ def _init_resnet_weights(m):
 
 
 # --------------------------------------------------------------------------
+# DINOv2 ViT encoder (facebookresearch/dinov2), with a simple feature pyramid for the decoders
+# --------------------------------------------------------------------------
+
+DINOV2_VARIANTS = {  # the hub models of facebookresearch/dinov2 (hub/backbones.py, models/vision_transformer.py)
+    'vits14': dict(embed_dim=384, depth=12, num_heads=6, ffn='mlp', hf='small'),
+    'vitb14': dict(embed_dim=768, depth=12, num_heads=12, ffn='mlp', hf='base'),
+    'vitl14': dict(embed_dim=1024, depth=24, num_heads=16, ffn='mlp', hf='large'),
+    'vitg14': dict(embed_dim=1536, depth=40, num_heads=24, ffn='swiglu', hf='giant'),  # 'vit_giant2'
+}
+DINOV2_REGISTERS = 4  # register tokens of the *_reg models (Darcet et al., "Vision Transformers Need Registers")
+DINOV2_PATCH = 14
+DINOV2_IMG_SIZE = 518  # pretraining size of the released weights: a 37x37 grid of position embeddings
+DINOV2_URL = 'https://dl.fbaipublicfiles.com/dinov2'
+# VFM-UDA (tue-mps/vfm-uda, VITLightweightHead) resizes every input by 1.1 and floors the sides to a
+# multiple of the patch: a 1024 crop becomes 1120 pixels, 80x80 tokens.
+VFM_UDA_INPUT_SCALE = 1.1
+
+
+def swiglu_hidden(dim, mlp_ratio=4):
+    """Hidden width of the official SwiGLU FFN (SwiGLUFFNFused): 2/3 of the MLP's, rounded up to 8."""
+    return (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a [B,C,H,W] map (timm's LayerNorm2d, eps 1e-6)."""
+
+    def __init__(self, channels):
+        super().__init__(channels, eps=1e-6)
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ViTAttention(nn.Module):
+    """Global multi-head self-attention with a fused qkv projection: [B,N,C] -> [B,N,C]."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        nh, hd = self.num_heads, C // self.num_heads
+        q, k, v = self.qkv(x).view(B, N, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, N, hd) each
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (CaiT); DINOv2's hub models start it at 1.0."""
+
+    def __init__(self, dim, init_value=1.0):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class ViTMlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    """ViT-g's FFN: w12 projects to [gate | value] (in that order), silu(gate) * value, w3 back."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block with layer scale: [B,N,C] -> [B,N,C] (LayerNorm eps 1e-6)."""
+
+    def __init__(self, dim, num_heads, ffn, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = ViTAttention(dim, num_heads)
+        self.ls1 = LayerScale(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = SwiGLUFFN(dim, swiglu_hidden(dim)) if ffn == 'swiglu' else ViTMlp(dim, 4 * dim)
+        self.ls2 = LayerScale(dim)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch x patch conv: [B,3,H,W] -> [B,(H/p)(W/p),C] (sides multiples of p)."""
+
+    def __init__(self, embed_dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class SimplePyramid(nn.Module):
+    """ViTDet's simple feature pyramid (Li et al., 2022) on token maps of stride p (14):
+    maps [B,C,h,w] x 4 -> [B,C/4,4h,4w], [B,C/2,2h,2w], [B,C,h,w], [B,C,h/2,w/2]
+    (two 2x transposed convs with LayerNorm + GELU between; one; identity; 2x2 max-pool)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.up4_1 = nn.ConvTranspose2d(dim, dim // 2, 2, 2)
+        self.up4_norm = LayerNorm2d(dim // 2)  # 'norm' in its name: no weight decay (DINOv2's keys)
+        self.up4_2 = nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)
+        self.up2 = nn.ConvTranspose2d(dim, dim // 2, 2, 2)
+        self.pool = nn.MaxPool2d(2)
+        self.out_channels = (dim // 4, dim // 2, dim, dim)
+
+    def forward(self, maps):
+        a, b, c, d = maps
+        return [self.up4_2(F.gelu(self.up4_norm(self.up4_1(a)))), self.up2(b), c, self.pool(d)]
+
+
+class DINOv2(nn.Module):
+    """DINOv2 ViT (Oquab et al., 2023) as a segmentation encoder.
+
+    forward_tokens(img [B,3,H,W], masks [B,h*w] bool or None) -> [B, 1+R+h*w, C]: final-normed tokens
+        (class, R registers, patches in row-major order), h, w = H/14, W/14: the official model's
+        forward_features (x_norm_*). The sides must be multiples of 14, as there.
+    forward(img [B,3,H,W]) -> 4 maps [B,C_i,ceil(H/s),ceil(W/s)], s = 4, 8, 16, 32, C_i = C/4, C/2, C, C.
+
+    Sides that are not multiples of 14 are resized, as VFM-UDA does (tue-mps/vfm-uda, bilinear, not padded):
+    forward scales the input by input_scale (VFM-UDA's 1.1) and floors each side to a multiple of 14
+    (a 1024 crop runs as 1120 pixels, 80x80 tokens); input_scale=1.0 keeps multiples of 14 as they are.
+    Padding would put tokens of black pixels into every attention; a resize keeps all tokens on the image.
+
+    The maps: the tokens after the blocks at 1/4, 1/2, 3/4 and the whole depth (blocks 3, 6, 9, 12 of 12;
+    indices 2, 5, 8, 11), each normed by the final LayerNorm (as the official get_intermediate_layers
+    with norm=True), turned into maps at stride 14, then ViTDet's simple pyramid: 1/4 depth upsampled 4x,
+    1/2 depth 2x, the last block as it is (the map VFM-UDA's head reads), 3/4 depth max-pooled 2x; each
+    is then resized bilinearly to ceil(H/s) x ceil(W/s) of the input, the strides the decoders and HRDA
+    assume. Parameter names are those of the official checkpoints (cls_token, pos_embed, mask_token,
+    register_tokens, patch_embed.proj, blocks.N.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2,
+    mlp.fc1|w12, mlp.fc2|w3, ls2.gamma}, norm); the pyramid (pyramid.*) is not part of them.
+    """
+
+    feature_strides = (4, 8, 16, 32)
+    # weight decay 0 for every norm, bias, layer scale, token and position embedding (1-D or token
+    # parameters, the usual ViT rule of timm and BEiT)
+    no_weight_decay_keys = ('norm', 'bias', '.gamma', 'cls_token', 'register_tokens', 'mask_token', 'pos_embed')
+    classifier_prefix = 'head.'  # the official files hold no classifier; kept for the loader's interface
+    not_pretrained_prefix = 'pyramid.'  # trained from scratch: absent from the DINOv2 files
+
+    def __init__(self, embed_dim=768, depth=12, num_heads=12, ffn='mlp', num_register_tokens=0,
+                 img_size=DINOV2_IMG_SIZE, drop_path_rate=0.0, input_scale=VFM_UDA_INPUT_SCALE, name=None):
+        super().__init__()
+        self.embed_dim, self.depth, self.patch_size = embed_dim, depth, DINOV2_PATCH
+        self.num_register_tokens = num_register_tokens
+        self.input_scale = input_scale
+        self.name = name or f'dinov2 C={embed_dim} depth={depth}'
+        self.grid = img_size // DINOV2_PATCH  # M: the position embeddings form an M x M grid
+        # The hub builds the register models with interpolate_antialias=True, interpolate_offset=0.0
+        # and the others with False, 0.1 (hub/backbones.py): see interpolate_pos_embed.
+        self.pos_embed_antialias = num_register_tokens > 0
+        self.patch_embed = PatchEmbed(embed_dim, DINOV2_PATCH)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, embed_dim))
+        self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
+                                if num_register_tokens else None)
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(ViTBlock(embed_dim, num_heads, ffn, r) for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.pyramid = SimplePyramid(embed_dim)
+        self.out_channels = self.pyramid.out_channels
+        self.out_indices = tuple(depth * (i + 1) // 4 - 1 for i in range(4))  # 2, 5, 8, 11 for depth 12
+        self.num_layers = depth + 2  # layer_id: 0 = embeddings, 1..depth = blocks, depth + 1 = norm, pyramid
+        self.activation_checkpointing = False
+        self.default_pretrained = None  # set by build_dinov2 for the released variants
+        self._init_weights()
+
+    def _init_weights(self):
+        """The official init (trunc-normal 0.02 linears and position embeddings, tiny tokens)."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def pretrained_help(self, path):
+        """Where the weights of this encoder come from (for the missing-file message)."""
+        return getattr(self, '_pretrained_help', 'DINOv2 weights exist for the dinov2_* model.backbone.types '
+                                                 'only') + f', and put the file at {path}'
+
+    def layer_id(self, name):
+        """Depth of a parameter for layer-wise lr decay: 0 for the patch embedding and the tokens,
+        i + 1 for block i, num_layers - 1 for the final norm and the pyramid ('backbone.' is optional)."""
+        name = name.removeprefix('backbone.')
+        if name.startswith(('cls_token', 'pos_embed', 'mask_token', 'register_tokens', 'patch_embed.')):
+            return 0
+        if name.startswith('blocks.'):
+            return int(name.split('.')[1]) + 1
+        if name.startswith(('norm.', 'pyramid.')):
+            return self.depth + 1
+        raise KeyError(f'{name!r} is not a parameter of the DINOv2 encoder')
+
+    # -- tokens --------------------------------------------------------------
+    def interpolate_pos_embed(self, h, w, dtype):
+        """Position embeddings [1, 1+h*w, C] of an h x w token grid, computed as the official model does:
+        none for the native M x M grid; else bicubic in float32 from M x M, with scale factors
+        ((h+0.1)/M, (w+0.1)/M) and no antialiasing (no-register models), or to size (h, w) with
+        antialiasing (register models), then cast to the tokens' dtype."""
+        if (h, w) == (self.grid, self.grid):
+            return self.pos_embed
+        pos = self.pos_embed.float()
+        M, C = self.grid, pos.shape[-1]
+        grid = pos[:, 1:].reshape(1, M, M, C).permute(0, 3, 1, 2)
+        if self.pos_embed_antialias:
+            grid = F.interpolate(grid, size=(h, w), mode='bicubic', antialias=True)
+        else:  # the official 0.1 offset (a work-around from facebookresearch/dino, kept for its weights)
+            grid = F.interpolate(grid, scale_factor=((h + 0.1) / M, (w + 0.1) / M), mode='bicubic')
+        assert grid.shape[2:] == (h, w), (grid.shape, h, w)
+        return torch.cat((pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, C)), dim=1).to(dtype)
+
+    def prepare_tokens(self, img, masks=None):
+        """[B,3,H,W] (sides multiples of 14) -> [B, 1+R+h*w, C]: patch embeddings (masked ones replaced
+        by mask_token), class token, position embeddings, then the registers (which have none)."""
+        H, W = img.shape[2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f'DINOv2 tokens need sides that are multiples of {self.patch_size}, got {H}x{W} '
+                             '(forward() resizes; see DINOv2.prepare_input)')
+        x = self.patch_embed(img)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size, x.dtype)
+        if self.register_tokens is not None:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
+        return x
+
+    def run_blocks(self, x, keep=()):
+        """All blocks on tokens [B,N,C]; returns (output, [outputs of the blocks whose index is in keep])."""
+        kept = []
+        for i, blk in enumerate(self.blocks):
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+            if i in keep:
+                kept.append(x)
+        return x, kept
+
+    def forward_tokens(self, img, masks=None):
+        x, _ = self.run_blocks(self.prepare_tokens(img, masks))
+        return self.norm(x)
+
+    # -- maps for the decoders ---------------------------------------------
+    def prepare_input(self, img):
+        """VFM-UDA's input resize: each side x input_scale, floored to a multiple of 14 (at least 14)."""
+        p = self.patch_size
+        size = tuple(max(int((s * self.input_scale) // p * p), p) for s in img.shape[2:])
+        return img if size == tuple(img.shape[2:]) else resize(img, size)
+
+    def forward(self, img):
+        H, W = img.shape[2:]
+        x = self.prepare_input(img)
+        h, w = (s // self.patch_size for s in x.shape[2:])
+        _, kept = self.run_blocks(self.prepare_tokens(x), keep=self.out_indices)
+        skip = 1 + self.num_register_tokens
+        maps = [tokens_to_map(self.norm(t)[:, skip:], h, w) for t in kept]
+        maps = self.pyramid([maps[0], maps[1], maps[3], maps[2]])  # the last block at stride 16, see above
+        sizes = [(-(-H // s), -(-W // s)) for s in self.feature_strides]  # ceil(H/s), ceil(W/s)
+        return [m if tuple(m.shape[2:]) == size else resize(m, size) for m, size in zip(maps, sizes)]
+
+
+def dinov2_spec(backbone_type):
+    """('vitb14', number of registers) of a model.backbone.type such as 'dinov2_vitb14_reg'."""
+    name = backbone_type.removeprefix('dinov2_')
+    variant, registers = name.removesuffix('_reg'), DINOV2_REGISTERS if name.endswith('_reg') else 0
+    if variant not in DINOV2_VARIANTS:
+        raise ValueError(f'unknown DINOv2 variant {backbone_type!r}; choose one of '
+                         f'{", ".join(DINOV2_BACKBONE_TYPES)}')
+    return variant, registers
+
+
+def dinov2_file_name(variant, registers):
+    """The official checkpoint's file name, e.g. dinov2_vitb14_reg4_pretrain.pth."""
+    return f'dinov2_{variant}{f"_reg{registers}" if registers else ""}_pretrain.pth'
+
+
+def build_dinov2(cfg_backbone):
+    """A released DINOv2 model (drop path 0, as VFM-UDA; model.backbone.drop_path_rate is MiT's)."""
+    variant, registers = dinov2_spec(cfg_backbone['type'])
+    v = DINOV2_VARIANTS[variant]
+    model = DINOv2(v['embed_dim'], v['depth'], v['num_heads'], v['ffn'], registers, name=cfg_backbone['type'])
+    file = dinov2_file_name(variant, registers)
+    hf = f'https://huggingface.co/facebook/dinov2-{"with-registers-" if registers else ""}{v["hf"]}'
+    model.default_pretrained = f'pretrained/{file}'
+    model._pretrained_help = (f'Download {DINOV2_URL}/dinov2_{variant}/{file} (the official {cfg_backbone["type"]}, '
+                              f'facebookresearch/dinov2) or model.safetensors / pytorch_model.bin of {hf}')
+    return model
+
+
+DINOV2_BACKBONE_TYPES = tuple(f'dinov2_{v}{r}' for r in ('', '_reg') for v in DINOV2_VARIANTS)
+
+
+# --------------------------------------------------------------------------
 # Decoders
 # --------------------------------------------------------------------------
 
@@ -509,6 +830,36 @@ class DeepLabV2Head(nn.Module):
         for m in self.aspp_modules[1:]:
             out = out + m(x)
         return out
+
+
+class VFMUDAHead(nn.Module):
+    """VFM-UDA's light head (tue-mps/vfm-uda, VITLightweightHead) on the stride-16 map (the last block's
+    tokens): [B,C,h,w] -> 2x transposed conv to C/2, LayerNorm2d, GELU, 2x transposed conv to C/4,
+    LayerNorm2d, 3x3 conv, LayerNorm2d, 1x1 classifier -> [B,K,4h,4w] (convs without bias, the
+    classifier's weights normal(0, 0.1), as there). The logits are resized to the first map's size
+    when they differ, so that they sit at stride 4 like the DAFormer head's (HRDA assumes it).
+
+    With DINOv2 the stride-16 map is the token grid resized to ceil(H/16): VFM-UDA upsamples the
+    token grid itself (80x80 tokens of a 1024 crop -> 320x320), here 80x80 -> 64x64 -> 256x256.
+    """
+
+    logits_stage = 0
+    in_index = 2  # the map at stride 16
+
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        c = in_channels[self.in_index]
+        self.upscale = nn.Sequential(
+            nn.ConvTranspose2d(c, c // 2, 2, 2, bias=False), LayerNorm2d(c // 2), nn.GELU(),
+            nn.ConvTranspose2d(c // 2, c // 4, 2, 2, bias=False), LayerNorm2d(c // 4),
+            nn.Conv2d(c // 4, c // 4, 3, padding=1, bias=False), LayerNorm2d(c // 4))
+        self.out = nn.Conv2d(c // 4, num_classes, 1, bias=False)
+        nn.init.normal_(self.out.weight, 0, 0.1)
+
+    def forward(self, feats):
+        logits = self.out(self.upscale(feats[self.in_index]))
+        size = feats[0].shape[2:]
+        return logits if logits.shape[2:] == size else resize(logits, size)
 
 
 # --------------------------------------------------------------------------
@@ -673,22 +1024,16 @@ class HRDAEncoderDecoder(EncoderDecoder):
 
     def __init__(self, backbone, decode_head, test_cfg, hrda_cfg):
         super().__init__(backbone, decode_head, test_cfg)
+        # hrda_cfg is a section checked by mic_config (scales [context, 1], detail crop on the output grid,
+        # feature_scale = the context scale)
         self.scales = sorted(hrda_cfg['scales'])
-        if len(self.scales) != 2 or self.scales[1] != 1.0:
-            raise ValueError(f'model.hrda.scales must be [context_scale, 1.0], got {hrda_cfg["scales"]}')
         self.context_scale = self.scales[0]
         self.hr_crop_size = tuple(hrda_cfg['hr_crop_size'])
-        if any(c % self.output_stride for c in self.hr_crop_size):
-            raise ValueError(f'model.hrda.hr_crop_size must be divisible by the output stride {self.output_stride} '
-                             f'of this encoder and head; got {list(self.hr_crop_size)}')
         self.crop_coord_divisible = hrda_cfg['crop_coord_divisible']
         self.hr_loss_weight = hrda_cfg['hr_loss_weight']
         self.lr_loss_weight = hrda_cfg['lr_loss_weight']
         self.hr_slide_inference = hrda_cfg['hr_slide_inference']
         self.hr_slide_overlapping = hrda_cfg['hr_slide_overlapping']
-        if hrda_cfg['feature_scale'] != self.context_scale:
-            raise ValueError('model.hrda.feature_scale must equal the context scale '
-                             f'({self.context_scale}); got {hrda_cfg["feature_scale"]}')
         # Input sizes must keep the context logits (stride output_stride / scale: 8 with DAFormer,
         # 16 with DeepLabV2) aligned with the detail logits.
         self.size_divisor = int(self.output_stride / self.context_scale)
@@ -817,6 +1162,7 @@ class FCDiscriminator(nn.Module):
 #   default_pretrained     the usual model.pretrained path of its ImageNet weights
 #   pretrained_help(path)  where those weights come from (for the missing-file message)
 #   activation_checkpointing (bool attribute, set by build_model)
+# and, for layer-wise lr decay (DINOv2), num_layers and layer_id(parameter name) -> 0 .. num_layers - 1.
 # A head provides forward(list of maps) -> logits and logits_stage (the map whose resolution they have).
 
 def build_mit(cfg_backbone):
@@ -832,6 +1178,7 @@ BACKBONES = {  # model.backbone.type -> factory(backbone config section)
     **{f'mit_{v}': build_mit for v in MIT_VARIANTS},
     'resnet50_v1c': build_resnet_v1c,
     'resnet101_v1c': build_resnet_v1c,
+    **{t: build_dinov2 for t in DINOV2_BACKBONE_TYPES},  # dinov2_vit{s,b,l,g}14[_reg]
 }
 
 
@@ -853,10 +1200,16 @@ def build_deeplabv2_head(in_channels, num_classes, head_cfg, attention=False):
     return DeepLabV2Head(in_channels[-1], num_classes, head_cfg['dilations'])
 
 
+def build_vfm_uda_head(in_channels, num_classes, head_cfg, attention=False):
+    """VFM-UDA's light head on the stride-16 map; HRDA's scale attention is an identical head."""
+    return VFMUDAHead(in_channels, num_classes)
+
+
 HEADS = {  # model.decode_head.type -> factory(in_channels per map, num_classes, head config, attention)
     'daformer': build_daformer_head,
     'segformer': build_segformer_head,
     'deeplabv2': build_deeplabv2_head,
+    'vfm_uda': build_vfm_uda_head,
 }
 
 
@@ -865,7 +1218,7 @@ def build_model(cfg_model, load_pretrained=False):
 
     load_pretrained: also load the ImageNet encoder weights from cfg_model['pretrained'].
     """
-    from mic_config import resolve_section  # the schema sits beside this file; it imports only yaml
+    from mic_config import resolve_section  # the schema sits beside this file; it imports no torch
     cfg = resolve_section('model', cfg_model)
     backbone = BACKBONES[cfg['backbone']['type']](cfg['backbone'])
     backbone.activation_checkpointing = cfg['activation_checkpointing']
@@ -957,10 +1310,74 @@ def _extract_state_dict(ckpt, path):
         return sd, 'segformer_imagenet'
     if any(k.startswith('stem.') for k in sd):  # OpenMMLab ImageNet ResNet-V1c (open-mmlab://resnet*_v1c)
         return sd, 'openmmlab_imagenet'
+    if 'pos_embed' in sd and 'cls_token' in sd:  # facebookresearch/dinov2's dinov2_*_pretrain.pth
+        return sd, 'dinov2_official'
+    if any(k.startswith('embeddings.patch_embeddings.') for k in sd):  # Hugging Face facebook/dinov2-*
+        return dinov2_from_hf(sd), 'dinov2_hf'
     return sd, 'segmentor'
 
 
+# Hugging Face's file names (Dinov2Model, Dinov2WithRegistersModel) -> the official ones, per block and outside
+_HF_DINOV2_BLOCK = {'norm1': 'norm1', 'attention.output.dense': 'attn.proj', 'layer_scale1.lambda1': 'ls1.gamma',
+                    'norm2': 'norm2', 'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2', 'mlp.weights_in': 'mlp.w12',
+                    'mlp.weights_out': 'mlp.w3', 'layer_scale2.lambda1': 'ls2.gamma'}
+_HF_DINOV2_TOP = {'embeddings.cls_token': 'cls_token', 'embeddings.mask_token': 'mask_token',
+                  'embeddings.position_embeddings': 'pos_embed', 'embeddings.register_tokens': 'register_tokens',
+                  'embeddings.patch_embeddings.projection': 'patch_embed.proj', 'layernorm': 'norm'}
+
+
+def _renamed(key, table):
+    """key with the first entry of table that is the key or a prefix of it (followed by '.') renamed."""
+    for old, new in table.items():
+        if key == old or key.startswith(old + '.'):
+            return new + key[len(old):]
+    return None
+
+
+def dinov2_from_hf(sd):
+    """A Hugging Face DINOv2 state dict (names as stored in the hub's files) with the official names:
+    query, key and value are stacked into qkv (in that order, the official qkv layout); keys that are
+    not DINOv2's stay as they are, so that the strict check names them."""
+    out, qkv = {}, {}
+    for k, v in sd.items():
+        name = _renamed(k, _HF_DINOV2_TOP)
+        if k.startswith('encoder.layer.'):
+            i, rest = k[len('encoder.layer.'):].split('.', 1)
+            if rest.startswith('attention.attention.'):  # attention.attention.{query,key,value}.{weight,bias}
+                part, kind = rest[len('attention.attention.'):].split('.', 1)
+                qkv.setdefault((i, kind), {})[part] = (k, v)
+                continue
+            name = _renamed(rest, _HF_DINOV2_BLOCK)
+            name = name and f'blocks.{i}.{name}'
+        out[name or k] = v
+    for (i, kind), parts in qkv.items():
+        if set(parts) == {'query', 'key', 'value'}:
+            out[f'blocks.{i}.attn.qkv.{kind}'] = torch.cat([parts[p][1] for p in ('query', 'key', 'value')])
+        else:  # incomplete: left under the file's names for the error message
+            out.update(dict(parts.values()))
+    return out
+
+
 IMAGENET_FORMATS = ('segformer_imagenet', 'openmmlab_imagenet')  # a bare encoder with its ImageNet classifier
+DINOV2_FORMATS = ('dinov2_official', 'dinov2_hf')  # a bare DINOv2 encoder (official or Hugging Face names)
+
+
+def is_safetensors(path):
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header ('{')."""
+    with open(path, 'rb') as f:
+        return f.read(9)[8:] == b'{'
+
+
+def read_weights(path):
+    """read_checkpoint, or the tensors of a safetensors file (Hugging Face's model.safetensors)."""
+    if not (os.path.isfile(path) and is_safetensors(path)):
+        return read_checkpoint(path)
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f'{path} is a safetensors file: reading it needs the safetensors package '
+                              '(pip install safetensors)') from None
+    return load_file(path, device='cpu')
 
 
 def load_checkpoint(model, path):
@@ -969,15 +1386,24 @@ def load_checkpoint(model, path):
     Accepts our checkpoints (the student), the released MIC/HRDA/DAFormer checkpoints
     (the 'model.' student; 'ema_model.' and 'imnet_model.' are ignored), SegFormer's mit_b*.pth and
     OpenMMLab's resnet*_v1c-*.pth ImageNet weights (into the encoder; the classifier, 'head.*' or 'fc.*',
-    is dropped; BatchNorm's num_batches_tracked counters, absent from old files, keep the model's values).
+    is dropped; BatchNorm's num_batches_tracked counters, absent from old files, keep the model's values),
+    and DINOv2 encoder weights: the official dinov2_*_pretrain.pth or Hugging Face's facebook/dinov2-*
+    pytorch_model.bin / model.safetensors (into the encoder; its pyramid keeps the model's values).
     Anything else that does not match raises CheckpointError naming the keys and shapes.
     Returns {'format', 'ignored': [keys dropped by name]}.
     """
-    sd, fmt = _extract_state_dict(read_checkpoint(path), path)
+    sd, fmt = _extract_state_dict(read_weights(path), path)
     encoder_only = not hasattr(model, 'backbone')
     target = model
     ignored = []
-    if fmt in IMAGENET_FORMATS:
+    if fmt in DINOV2_FORMATS:
+        target = model if encoder_only else model.backbone
+        if not isinstance(target, DINOv2):
+            raise CheckpointError(f'{path} ({fmt}) holds DINOv2 encoder weights ({_dinov2_name(sd)}) but the '
+                                  f'model\'s encoder is not DINOv2: set model.backbone.type={_dinov2_name(sd)}')
+        # the pyramid is trained from scratch: it keeps the model's values (MAE's rule: only these may miss)
+        sd = {**sd, **{k: v for k, v in target.state_dict().items() if k.startswith(target.not_pretrained_prefix)}}
+    elif fmt in IMAGENET_FORMATS:
         target = model if encoder_only else model.backbone
         ignored = [k for k in sd if k.startswith(target.classifier_prefix)]
         sd = {k: v for k, v in sd.items() if k not in ignored}
@@ -1023,6 +1449,10 @@ def _check_state_dict(model, sd, path, fmt):
         else:
             hints.append(f'the checkpoint holds a {name} encoder, the model a {_encoder_name(own_kind, n_own)}: '
                          'set model.backbone.type accordingly')
+    dino, own_dino = _dinov2_name(sd), _dinov2_name(own)
+    if dino and own_dino and dino != own_dino:
+        hints.append(f'the checkpoint holds a {dino} encoder, the model a {own_dino}: '
+                     'set model.backbone.type accordingly')
     head, own_head = _head_type(sd), _head_type(own)
     if head and own_head and head != own_head:
         hints.append(f'the checkpoint has a {head} head: set model.decode_head.type={head}')
@@ -1062,6 +1492,22 @@ def _encoder_name(kind, n_stage3):
     return ' or '.join(names) or f'{kind} with {n_stage3} stage-3 blocks'
 
 
+def _dinov2_name(state_dict):
+    """The model.backbone.type of the DINOv2 encoder in a state dict (by width, depth and registers),
+    a description when no released variant has them, or None when it holds no DINOv2 encoder."""
+    prefix = 'backbone.' if 'backbone.pos_embed' in state_dict else ''
+    pos = state_dict.get(prefix + 'pos_embed')
+    if pos is None or pos.ndim != 3:
+        return None
+    dim = pos.shape[-1]
+    depth = len({k[len(prefix) + 7:].split('.')[0] for k in state_dict if k.startswith(prefix + 'blocks.')})
+    reg = prefix + 'register_tokens' in state_dict
+    for variant, v in DINOV2_VARIANTS.items():
+        if (v['embed_dim'], v['depth']) == (dim, depth):
+            return f'dinov2_{variant}' + ('_reg' if reg else '')
+    return f'DINOv2 of width {dim} and depth {depth}'
+
+
 def _head_type(state_dict):
     """The HEADS name of the (single-scale or HRDA) decoder in a state dict, or None."""
     for k in state_dict:
@@ -1072,6 +1518,8 @@ def _head_type(state_dict):
             return 'segformer'
         if k.startswith('decode_head.aspp_modules.'):
             return 'deeplabv2'
+        if k.startswith('decode_head.upscale.'):
+            return 'vfm_uda'
     return None
 
 

@@ -597,6 +597,39 @@ def test_exit_status_2_as_processes(tmp_path):
         assert (p.returncode, p.stderr, p.stdout) == (2, message, '')
 
 
+@pytest.mark.parametrize('content,message', [
+    (None, 'is a folder, not a YAML file'),
+    ('train:\n  max_iters: 5\n'.encode('utf-16'), 'is not UTF-8 text (byte 0: a binary file, or another encoding '
+                                                    'such as UTF-16); save it as UTF-8'),
+    (b'train:\n  max_iters: 5\ntrain:\n  seed: 1\n', "is not valid YAML: key 'train' is given twice (lines 1 and 3): "
+                                                     'the second would silently replace the first'),
+])
+def test_bad_config_files_are_one_line(tmp_path, content, message):
+    """--cfg of a folder, a UTF-16 file, a key given twice: one line naming the file, no run folder."""
+    path, work = tmp_path / 'cfg.yaml', tmp_path / 'run'
+    path.mkdir() if content is None else path.write_bytes(content)
+    for main, argv in ((mic_config.main, [path]), (mic_train.main, ['--cfg', path, '--opt', f'train.work_dir={work}']),
+                       (mic_data.main, ['show', path, '--out', tmp_path / 'show'])):
+        err, _, _ = run_cli(main, argv)
+        assert err == f'error: config file {path} {message}', main
+    assert not work.exists() and not (tmp_path / 'show').exists()
+
+
+def test_non_finite_numbers_are_one_line(tmp_path):
+    work = tmp_path / 'run'
+    for opt, message in (('optim.lr=1e999', "'optim.lr': expected a finite number, got '1e999'"),
+                         ('optim.weight_decay=.inf', "'optim.weight_decay': expected a finite number, got inf"),
+                         ('uda.mask_alpha=.nan', "'uda.mask_alpha': expected 'same' | a finite number, got nan")):
+        err, _, _ = run_cli(mic_train.main, ['--cfg', os.path.join(REPO, 'configs/demo.yaml'), '--opt', opt,
+                                             f'train.work_dir={work}'])
+        assert err == f'error: config key {message}'
+    assert not work.exists()
+    p = subprocess.run([sys.executable, 'mic_config.py', 'configs/demo.yaml', '--opt', 'optim.lr=.inf'], cwd=REPO,
+                       capture_output=True, text=True)
+    assert (p.returncode, p.stderr, p.stdout) == (2, "error: config key 'optim.lr': expected a finite number, "
+                                                     'got inf\n', '')
+
+
 def test_exit_status_2_in_process(tmp_path, ckpt, monkeypatch):
     err, _, _ = run_cli(mic_eval.main, ['--ckpt', tmp_path / 'nope.pth'])
     assert err == f'error: checkpoint {tmp_path}/nope.pth does not exist'
