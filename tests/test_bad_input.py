@@ -323,7 +323,7 @@ def test_training_script_worker_error_is_one_line(train_data, tmp_path, worker_e
             'train.max_iters=2', 'train.device=cpu', f'train.work_dir={work}']  # (data.val: listed before training)
     err, _, _ = run_cli(mic_train.main, ['--cfg', os.path.join(REPO, 'configs/gta2cs.yaml'), '--opt', *opts])
     assert err.startswith(f'error: cannot read image {tmp_path}/gta/images/0000') and 'corrupt' in err
-    assert not (work / 'metrics.json').exists() and not (work / 'latest.pth').exists() and not temp_files(work)
+    assert not work.exists()  # the first batch is drawn before anything is written to the run folder
 
 
 def test_eval_worker_error_is_one_line(tmp_path, ckpt, cityscapes_val):
