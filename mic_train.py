@@ -932,6 +932,15 @@ def finished_run(cfg):
     return metrics
 
 
+def trained_to_the_end(cfg, ckpt_path):
+    """Whether ckpt_path holds this very config's run at train.max_iters (a restart of a finished run:
+    --resume auto reports it instead of evaluating it again)."""
+    if ckpt_path is None:
+        return False
+    old = mic_model.read_checkpoint(ckpt_path, mmap=True)
+    return old.get('config') == stored(cfg) and old.get('iteration', 0) >= cfg.train.max_iters
+
+
 def check_validation_split(cfg):
     """List data.val before the first iteration: a wrong root or split fails now, naming its path,
     and not at the first evaluation hours later."""
@@ -1068,7 +1077,7 @@ def _train(cfg, resume, command, rank, world, device):
     work_dir = cfg.train.work_dir
     set_determinism(cfg.train.deterministic)
     ckpt_path = resume_path(work_dir, resume)
-    if check_work_dir(cfg, ckpt_path is not None):
+    if check_work_dir(cfg, ckpt_path is not None) or (resume == 'auto' and trained_to_the_end(cfg, ckpt_path)):
         metrics = finished_run(cfg)
         if metrics is not None:
             return metrics

@@ -334,6 +334,10 @@ def test_soak_stops_at_random_iterations(soak_demo, tmp_path, monkeypatch, capsy
     records = [json.loads(line) for line in open(work / 'log.jsonl')]
     assert [r['iteration'] for r in records if 'eval' not in r] == list(range(1, SOAK_ITERS + 1))
     assert [r['iteration'] for r in records if 'eval' in r] == [SOAK_ITERS]
+    metrics = json.load(open(work / 'metrics.json'))
+    assert metrics['iteration'] == metrics['best']['iteration'] == SOAK_ITERS and (work / 'best.pth').exists()
+    assert train_main(soak_demo, work) == metrics  # a restart of the finished run reports it
+    assert 'already holds this config\'s finished run' in capsys.readouterr().out
 
 
 def _flatten(state, prefix=''):
