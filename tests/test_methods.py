@@ -10,7 +10,8 @@ import mic_config
 import mic_experiments
 import mic_model
 import mic_train
-from test_train_helpers import synthetic_batch, tiny_cfg
+import mic_uda
+from helpers import REPO, synthetic_batch, tiny_cfg, tiny_opts
 
 NO_DROPOUT = ['model.decode_head.dropout=0', 'model.backbone.drop_path_rate=0']
 
@@ -41,9 +42,9 @@ def test_losses_combine_as_a_hand_built_sum(monkeypatch, model_type):
     mix_mask = (torch.rand(B, 1, H, W, generator=g) > 0.5).float()
     patch_mask = (torch.rand(B, 1, H, W, generator=g) > 0.7).float()
     box = (8, 40, 16, 48)
-    monkeypatch.setattr(mic_train, 'class_mix_masks', lambda *a, **k: mix_mask)
-    monkeypatch.setattr(mic_train, 'block_mask', lambda *a, **k: patch_mask)
-    monkeypatch.setattr(mic_train, 'augmentation_switches', lambda u, blur: (False, False))
+    monkeypatch.setattr(mic_uda, 'class_mix_masks', lambda *a, **k: mix_mask)
+    monkeypatch.setattr(mic_uda, 'block_mask', lambda *a, **k: patch_mask)
+    monkeypatch.setattr(mic_uda, 'augmentation_switches', lambda u, blur: (False, False))
     monkeypatch.setattr(mic_model.HRDAEncoderDecoder, 'random_crop_box', lambda self, h, w: box)
     logs, grads = _grads_of_one_step(trainer, b)
 
@@ -111,14 +112,14 @@ def test_advseg_one_iteration():
 
 def test_discriminator_and_entropy_losses_by_hand():
     out = torch.tensor([[[[0.25, -0.5]]]])
-    assert float(mic_train.discriminator_loss(out, 1.0, 'ls')) == pytest.approx((0.75 ** 2 + 1.5 ** 2) / 2)
+    assert float(mic_uda.discriminator_loss(out, 1.0, 'ls')) == pytest.approx((0.75 ** 2 + 1.5 ** 2) / 2)
     bce = -(torch.log(torch.sigmoid(out)).mean())
-    assert float(mic_train.discriminator_loss(out, 1.0, 'vanilla')) == pytest.approx(float(bce), rel=1e-6)
+    assert float(mic_uda.discriminator_loss(out, 1.0, 'vanilla')) == pytest.approx(float(bce), rel=1e-6)
     uniform = torch.full((2, 4, 3, 3), 0.25)
-    assert float(mic_train.normalised_entropy(uniform)) == pytest.approx(1.0)
+    assert float(mic_uda.normalised_entropy(uniform)) == pytest.approx(1.0)
     onehot = torch.zeros(1, 4, 2, 2)
     onehot[:, 1] = 1
-    assert float(mic_train.normalised_entropy(onehot)) == pytest.approx(0.0, abs=1e-6)
+    assert float(mic_uda.normalised_entropy(onehot)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_minent_one_iteration():
@@ -130,17 +131,17 @@ def test_minent_one_iteration():
     with torch.no_grad():
         prob = torch.softmax(trainer.student.encode_decode(b['target_img']), dim=1)
     logs = trainer.step(b, 0)
-    assert float(logs['entropy.loss_ent']) == pytest.approx(0.001 * float(mic_train.normalised_entropy(prob)),
+    assert float(logs['entropy.loss_ent']) == pytest.approx(0.001 * float(mic_uda.normalised_entropy(prob)),
                                                             rel=1e-5)
 
 
-def test_advseg_on_hrda_is_refused():
-    with pytest.raises(mic_config.ConfigError, match='single-scale models'):
-        mic_train.Trainer(tiny_cfg('uda.mode=advseg'), torch.device('cpu'))
+def test_advseg_and_minent_on_hrda_are_refused_by_the_config():
+    for mode in ('advseg', 'minent'):
+        with pytest.raises(mic_config.ConfigError, match=f'uda.mode={mode} is implemented for single-scale models'):
+            tiny_cfg(f'uda.mode={mode}')
 
 
 def test_experiment_runs_train_in_turn_and_finished_ones_are_reported(tmp_path, monkeypatch, capsys):
-    from test_train_run import REPO, tiny_opts
     demo = str(tmp_path / 'demo')
     runs = [(f'tiny_s{seed}', os.path.join(REPO, 'configs/gta2cs.yaml'),
              tiny_opts(demo, str(tmp_path / f'exp/tiny_s{seed}'), 'train.max_iters=2', 'train.eval_interval=0',
@@ -163,3 +164,75 @@ def test_exp_list_prints_one_command_per_run(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith('python mic_train.py --cfg configs/') for line in lines)
     assert [line.rsplit('train.seed=', 1)[1][0] for line in lines] == ['0', '1', '2']
+
+
+def test_the_config_modes_are_the_method_table():
+    assert set(mic_config.UDA_MODES) == set(mic_uda.METHODS)
+    assert all(n in mic_uda.PASSES for m in mic_uda.METHODS.values() for n in m.passes)
+
+
+# --------------------------------------------------------------------------
+# A new method is its functions and one table entry: a toy method with its own trained module
+# --------------------------------------------------------------------------
+
+class ToyCritic(torch.nn.Module):
+    """A 1x1 convolution that scores class probabilities (a stand-in for a discriminator)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(num_classes, 1, 1)
+
+    def forward(self, prob):
+        return self.conv(prob)
+
+
+def critic_pass(t, s):
+    """The critic learns to score the teacher's target predictions 1."""
+    with torch.no_grad():
+        prob = torch.softmax(t.modules['teacher'].encode_decode(s.tgt), dim=1)
+    loss = (t.wrapped['critic'](prob) - 1).pow(2).mean()
+    s.logs['critic.loss'] = loss.detach()
+    return loss
+
+
+TOY = mic_uda.Method(
+    passes=('source', 'critic'),
+    teachers={'teacher': mic_uda.Teacher(when=lambda cfg: True, momentum=lambda cfg: 0.5)},
+    modules={'critic': mic_uda.Module(build=lambda cfg: ToyCritic(cfg.model.num_classes),
+                                      optimizer=lambda m, cfg: torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9),
+                                      lr=lambda it, cfg: 0.1 * (1 - it / cfg.train.max_iters))})
+
+
+def test_a_toy_method_with_its_own_module_trains_and_resumes(monkeypatch, tmp_path):
+    monkeypatch.setitem(mic_uda.METHODS, 'toy', TOY)
+    monkeypatch.setitem(mic_uda.PASSES, 'critic', mic_uda.Pass(critic_pass, trains=('critic',)))
+    cfg = tiny_cfg('model.type=encoder_decoder', 'uda.mask_mode=null', 'train.max_iters=10', *NO_DROPOUT)
+    cfg.uda.mode = 'toy'  # (the config schema lists the shipped methods only)
+
+    def trainer():
+        torch.manual_seed(0)
+        return mic_train.Trainer(cfg, torch.device('cpu'))
+    a = trainer()
+    assert [n for n, _ in a.passes] == ['source', 'critic'] and a.last_pass == {'student': 0, 'critic': 1}
+    assert set(a.modules) == {'student', 'teacher', 'critic'} and set(a.optimizers) == {'student', 'critic'}
+    assert a.ema == {'teacher': 0.5} and a.frozen == {}
+    critic0 = {k: v.clone() for k, v in a.modules['critic'].state_dict().items()}
+    for it in range(2):
+        logs = a.step(synthetic_batch(it), it)
+    assert torch.isfinite(logs['critic.loss'])
+    assert a.optimizers['critic'].param_groups[0]['lr'] == pytest.approx(0.1 * (1 - 1 / 10))
+    assert any(not torch.equal(v, critic0[k]) for k, v in a.modules['critic'].state_dict().items())
+    torch.save(a.state_dict(), tmp_path / 'ckpt.pth')
+
+    b = trainer()
+    b.load_state_dict(torch.load(tmp_path / 'ckpt.pth', weights_only=True))
+    for name in a.modules:
+        for k, v in a.modules[name].state_dict().items():
+            assert torch.equal(v, b.modules[name].state_dict()[k]), (name, k)
+    assert b.optimizers['critic'].state_dict()['state'][0]['momentum_buffer'].abs().sum() > 0
+    for t in (a, b):  # the next iteration continues exactly (the momentum buffers were restored)
+        torch.manual_seed(7)
+        t.step(synthetic_batch(2), 2)
+    for name in ('student', 'critic'):
+        for k, v in a.modules[name].state_dict().items():
+            assert torch.equal(v, b.modules[name].state_dict()[k]), (name, k)

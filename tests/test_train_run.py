@@ -11,26 +11,13 @@ import torch
 
 import mic_model
 import mic_train
+from helpers import REPO, synthetic_batch, tiny_cfg, tiny_opts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
 def demo_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp('demo'))
-
-
-def tiny_opts(demo_root, work_dir, *extra):
-    return ['model.backbone.type=mit_b0', 'model.decode_head.embed_dims=32', 'model.pretrained=null',
-            'model.hrda.hr_crop_size=[32,32]', 'model.test.crop_size=[64,64]', 'model.test.stride=[32,32]',
-            'data.demo.enabled=true', f'data.demo.root={demo_root}', 'data.demo.num_source=6',
-            'data.demo.num_target=4', 'data.demo.num_val=2', 'data.demo.width=128', 'data.demo.height=64',
-            f'data.source.root={demo_root}/gta', f'data.target.root={demo_root}/cityscapes',
-            f'data.val.root={demo_root}/cityscapes', 'data.source.img_scale=[128,64]',
-            'data.target.img_scale=[128,64]', 'data.val.img_scale=[128,64]', 'data.crop_size=[64,64]',
-            'data.rcs.min_pixels=20', 'data.num_workers=0', 'uda.fd_lambda=0', 'uda.mask_block_size=16',
-            'train.max_iters=8', 'train.log_interval=2', 'train.eval_interval=4', 'train.ckpt_interval=4',
-            'train.debug_img_interval=4', 'train.device=cpu', f'train.work_dir={work_dir}', *extra]
 
 
 def run(demo_root, work_dir, *extra, resume=False):
@@ -40,9 +27,15 @@ def run(demo_root, work_dir, *extra, resume=False):
     return mic_train.main(argv)
 
 
+HAS_TENSORBOARD = importlib.util.find_spec('tensorboard') is not None
+HAS_MATPLOTLIB = importlib.util.find_spec('matplotlib') is not None  # report.png
+
+
 def test_run_folder_contents(demo_root, tmp_path, capsys):
+    """The run folder's files; TensorBoard's events and report.png where their packages are installed."""
     work = str(tmp_path / 'run')
-    metrics = run(demo_root, work, 'train.tensorboard=true')
+    tb = f'train.tensorboard={str(HAS_TENSORBOARD).lower()}'
+    metrics = run(demo_root, work, tb)
     assert 0 <= metrics['mIoU'] <= 100
     # stdout is no terminal here: one plain progress line per log interval, no carriage returns
     out = capsys.readouterr().out
@@ -54,8 +47,9 @@ def test_run_folder_contents(demo_root, tmp_path, capsys):
     assert len(os.listdir(os.path.join(work, 'preds'))) == 2
     # every file was written through a temporary file that was renamed: nothing else is left
     assert sorted(os.listdir(work)) == ['best.pth', 'command.txt', 'config.yaml', 'debug', 'latest.pth', 'log.jsonl',
-                                        'metrics.json', 'preds', 'report.png', 'tensorboard']
-    if importlib.util.find_spec('tensorboard') is not None:  # the event file holds what log.jsonl holds
+                                        'metrics.json', 'preds'] + ['report.png'] * HAS_MATPLOTLIB + \
+        ['tensorboard'] * HAS_TENSORBOARD
+    if HAS_TENSORBOARD:  # the event file holds what log.jsonl holds
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
         events = EventAccumulator(os.path.join(work, 'tensorboard'), size_guidance={'images': 0}).Reload()
         tags = events.Tags()
@@ -76,14 +70,14 @@ def test_run_folder_contents(demo_root, tmp_path, capsys):
     model = mic_model.build_model(ckpt['config']['model'])
     assert mic_model.load_checkpoint(model, os.path.join(work, 'latest.pth'))['format'] == 'mic_train'
     # the same command again: the finished run is reported, not overwritten
-    assert run(demo_root, work, 'train.tensorboard=true')['mIoU'] == metrics['mIoU']
+    assert run(demo_root, work, tb)['mIoU'] == metrics['mIoU']
     # stopped after the last checkpoint but before metrics.json: the same command evaluates it
     os.remove(os.path.join(work, 'metrics.json'))
-    assert run(demo_root, work, 'train.tensorboard=true')['mIoU'] == metrics['mIoU']
+    assert run(demo_root, work, tb)['mIoU'] == metrics['mIoU']
     assert json.load(open(os.path.join(work, 'metrics.json')))['mIoU'] == metrics['mIoU']
     # another config in the same folder is refused
     with pytest.raises(SystemExit):
-        run(demo_root, work, 'train.tensorboard=true', 'train.seed=5')
+        run(demo_root, work, tb, 'train.seed=5')
 
 
 def test_interrupted_run_resumes_exactly(demo_root, tmp_path, monkeypatch, capsys):
@@ -173,8 +167,6 @@ def test_two_process_gloo_run(demo_root, tmp_path):
 
 def _ddp_worker(rank, store, out):
     import torch.distributed as dist
-    sys.path.insert(0, os.path.join(REPO, 'tests'))
-    from test_train_helpers import synthetic_batch, tiny_cfg
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
     try:
@@ -198,8 +190,6 @@ def test_ddp_gradients_are_synchronised(tmp_path):
     result = torch.load(out, weights_only=True)
     assert result['same']  # every pass's gradients reached both ranks
     # ... and they are not rank 0's alone: a single process on rank 0's batch ends elsewhere
-    sys.path.insert(0, os.path.join(REPO, 'tests'))
-    from test_train_helpers import synthetic_batch, tiny_cfg
     torch.manual_seed(0)
     single = mic_train.Trainer(tiny_cfg(), torch.device('cpu'))
     torch.manual_seed(10)
