@@ -45,7 +45,8 @@ def test_convert_labels_root_that_is_a_file(tmp_path, kind):
 
 
 def test_pretrained_that_is_a_folder(tmp_path):
-    cfg = mic_config.merge(mic_config.defaults(), {'model': {'backbone': {'type': 'mit_b0'}, 'pretrained': None}})
+    cfg = mic_config.merge(mic_config.defaults(), {'model': {'backbone': {'type': 'mit_b0'}, 'pretrained': None},
+                                                   'uda': {'fd_lambda': 0}})
     model = mic_model.build_model(cfg['model'], load_pretrained=False)
     with pytest.raises(FileNotFoundError) as e:
         mic_model.load_pretrained_encoder(model.backbone, str(tmp_path))
