@@ -134,6 +134,11 @@ _LAYOUT = {
 _TEMP = re.compile(r'^\..+\.png\.[0-9a-f]{8}\.tmp$')  # leftovers of mic_runtime.atomic_write
 
 
+def _not_a_folder(path):
+    """Why `path` (not a folder) cannot be a dataset root."""
+    return 'is a file, not a folder: pass the folder that holds the dataset' if os.path.exists(path) else 'does not exist'
+
+
 def _folder(path, what, kind, root):
     if not os.path.isdir(path):
         raise DataError(f'{root} has no {what} folder; expected {_LAYOUT[kind].format(root=root.rstrip("/"))}')
@@ -149,7 +154,8 @@ def _remove_temp_files(folder):
 def list_label_files(kind, root):
     """[(input, output, counted in the statistics)] of a dataset, sorted."""
     if not os.path.isdir(root):
-        raise DataError(f'dataset root {root} does not exist; expected {_LAYOUT[kind].format(root=root.rstrip("/"))}')
+        raise DataError(f'dataset root {root} {_not_a_folder(root)}; expected '
+                        f'{_LAYOUT[kind].format(root=root.rstrip("/"))}')
     files = []
     if kind in ('gta', 'synthia'):
         folder = _folder(os.path.join(root, 'labels' if kind == 'gta' else os.path.join('GT', 'LABELS')),
@@ -447,7 +453,7 @@ def list_folder_labels(root, label_suffix, img_suffix='.png', img_dir=None, labe
     label and labels without an image (naming the first ones and the counts).
     """
     if not os.path.isdir(root):
-        raise DataError(f'dataset root {root} does not exist')
+        raise DataError(f'dataset root {root} {_not_a_folder(root)}')
     img_root = os.path.join(root, img_dir) if img_dir else root
     lbl_root = os.path.join(root, label_dir) if label_dir else img_root
     for folder, what in ((img_root, '--img-dir'), (lbl_root, '--label-dir')):

@@ -257,6 +257,9 @@ class TrainConfig:
     log_interval: int = num(50, ge=1)  # iterations between log lines
     eval_interval: int = num(4000, ge=0)  # iterations between evaluations on data.val (0 = only at the end)
     ckpt_interval: int = num(4000, ge=0)  # iterations between checkpoints (latest.pth); always at the end
+    # also latest.pth when this many minutes passed since the last one (0 = off): bounds the work that a kill
+    # without warning (node failure, SIGKILL) costs, whatever the hardware's speed (docs/cluster.md)
+    ckpt_minutes: float = field(default=0.0, metadata={**num(0.0, ge=0).metadata, 'added': True})
     debug_img_interval: int = num(1000, ge=0)  # iterations between debug image grids (0 = never)
     amp: Literal['none', 'bf16', 'fp16'] = 'none'  # autocast precision (the paper: fp32)
     compile: bool = False  # torch.compile the student's encoder

@@ -811,6 +811,9 @@ def parse_args(argv=None):
                         help="instead of evaluating: mean ± std over finished run folders (folders or quoted "
                              "globs, e.g. 'work_dirs/gta2cs_s*') of mIoU and per-class IoU, a markdown table")
     parser.add_argument('--summary-json', default=None, metavar='FILE', help='--summary: also write it as JSON')
+    parser.add_argument('--summary-of', default='last', choices=['last', 'best'],
+                        help="--summary: each run's last evaluation (default, as the paper reports) or its best one "
+                             '(chosen on the evaluated split itself, so optimistic)')
     args = parser.parse_args(argv)
     if args.summary is None and args.ckpt is None:
         parser.error('the following arguments are required: --ckpt (or --summary RUN ...)')
@@ -838,9 +841,21 @@ def _check_format_args(parser, args):
         parser.error('--id-map sets the values of the ids PNGs: add --format ids (or all)')
 
 
+def check_path_kinds(args):
+    """A folder where a file is expected (--ckpt) or a file where a folder is (--images), named as such."""
+    if os.path.isdir(args.ckpt):
+        latest = os.path.join(args.ckpt, 'latest.pth')
+        hint = f'pass {latest}' if os.path.isfile(latest) else 'pass a checkpoint file (a run folder holds latest.pth)'
+        raise EvalError(f'--ckpt {args.ckpt} is a folder, not a checkpoint file: {hint}')
+    if args.images and os.path.exists(args.images) and not os.path.isdir(args.images):
+        raise EvalError(f'--images {args.images} is a file; --images takes a folder (every image under it is '
+                        f'predicted): put the image in a folder of its own and pass that folder')
+
+
 def run(args, rank=0, world=1, device=None):
     """The CLI's work; returns the metrics dict (None when nothing was measured)."""
     device = device or torch.device('cpu')
+    check_path_kinds(args)
     cfg, cfg_source = resolve_config(args.ckpt, args.cfg, args.opt, args.data_root, args.split)
     val = cfg['data']['val']
     if not args.images and val['split'] == 'test' and not args.format:
@@ -952,7 +967,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.summary:  # no model, no device: reads the runs' metrics.json
         import mic_report
-        return mic_report.summary_main(args.summary, args.summary_json)
+        return mic_report.summary_main(args.summary, args.summary_json, which=args.summary_of)
     mic_runtime.limit_threads()
     rank, world, device = setup_distributed()
     try:

@@ -120,6 +120,10 @@ class DWConv(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        # The weight [dim,1,3,3] gets the strides its gradient has on channels-last maps (the same memory
+        # order: dim 1 has size 1): DDP copies a gradient whose strides differ from its parameter's.
+        w = self.dwconv.weight
+        self.dwconv.weight = nn.Parameter(w.detach().as_strided(w.shape, (9, 1, 3, 1)))
 
     def forward(self, x, H, W):
         return map_to_tokens(self.dwconv(tokens_to_map(x, H, W)))
@@ -1310,6 +1314,9 @@ def read_checkpoint(path, mmap=False):
 def load_pretrained_encoder(backbone, path):
     """Load ImageNet weights into an encoder: SegFormer's mit_b*.pth into MiT, OpenMMLab's
     resnet*_v1c-*.pth into ResNetV1c (their classifiers are dropped)."""
+    if os.path.isdir(path):
+        raise FileNotFoundError(f'model.pretrained={path} is a folder: give the weights file in it (e.g. '
+                                f'{os.path.join(path, os.path.basename(backbone.default_pretrained))})')
     if not os.path.isfile(path):
         note = ''
         if os.path.basename(path) != os.path.basename(backbone.default_pretrained):

@@ -119,6 +119,32 @@ def read_log(path):
     return train, evals
 
 
+def truncate_log(path, iteration):
+    """Make log.jsonl hold each iteration once when a run resumes from a checkpoint of `iteration`:
+    records after it (logged by the stopped run, about to be logged again) are dropped, as are
+    unparsable lines (a partial last line) and the older duplicates that logs of earlier resumes hold.
+    Rewritten atomically, only when something changes; returns the number of lines dropped.
+    report.png and TensorBoard (purge_step) then show what the resumed run logs."""
+    if not os.path.isfile(path):
+        return 0
+    kept, lines = [], 0
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for line in f:
+            if not line.strip():
+                continue
+            lines += 1
+            record = _parse_line(line.strip())
+            if record is None or record['iteration'] > iteration:
+                continue
+            is_eval = 'eval' in record
+            # a record replaces the earlier ones of its kind at the same or later iterations (as read_log)
+            kept = [r for r in kept if ('eval' in r) != is_eval or r['iteration'] < record['iteration']]
+            kept.append(record)
+    if len(kept) < lines:
+        mic_runtime.atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in kept))
+    return lines - len(kept)
+
+
 def _number(v):
     """float(v) for real numbers (bool excluded), else None."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -629,6 +655,43 @@ class _Silent(PlainProgress):
 
 
 # --------------------------------------------------------------------------
+# The best evaluation and metrics.json
+# --------------------------------------------------------------------------
+
+BEST_METRIC = 'mIoU'  # the evaluation that decides best.pth; higher is better
+BEST_NAME = 'best.pth'  # in the run folder, beside latest.pth
+
+
+def is_best(metrics, best, key=BEST_METRIC):
+    """True when the evaluation `metrics` beats `best` (the best evaluation so far, or None) on `key`
+    (higher is better). A tie keeps the earlier one; an evaluation without the metric is never best."""
+    value = _number(metrics.get(key))
+    if value is None:
+        return False
+    old = None if best is None else _number(best.get(key))
+    return old is None or value > old
+
+
+def metrics_record(last, best=None):
+    """metrics.json: the last evaluation at the top level (what summaries average by default, as the
+    paper reports the last), and under 'best' the best one. Each evaluation is a dict of metrics with
+    'iteration' and 'checkpoint' (latest.pth / best.pth) added by the caller."""
+    record = dict(last)
+    if best is not None:
+        record['best'] = {k: v for k, v in best.items() if k != 'best'}
+    return record
+
+
+def pick_evaluation(metrics, which):
+    """The evaluation of a metrics.json to summarise: 'last' (the top level) or 'best' (None when the
+    file holds no best evaluation, written before best checkpoints were kept)."""
+    if which == 'best':
+        best = metrics.get('best')
+        return best if isinstance(best, dict) else None
+    return {k: v for k, v in metrics.items() if k != 'best'}
+
+
+# --------------------------------------------------------------------------
 # Summary over runs (seeds): python mic_eval.py --summary 'work_dirs/gta2cs_s*'
 # --------------------------------------------------------------------------
 
@@ -674,14 +737,72 @@ def _stats(values):
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
 
 
-def summarize(patterns):
+def _read_run(folder, which):
+    """(run row, None) of a finished run folder, or (None, why it is not in the statistics)."""
+    path = os.path.join(folder, METRICS_NAME)
+    if not os.path.isfile(path):
+        return None, _unfinished_reason(folder)
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        return None, f'{METRICS_NAME} unreadable: {e}'
+    if not isinstance(m, dict) or _number(m.get('mIoU')) is None:
+        return None, f'{METRICS_NAME} holds no mIoU'
+    picked = pick_evaluation(m, which)
+    if picked is None or _number(picked.get('mIoU')) is None:
+        return None, f'{METRICS_NAME} holds no best evaluation (written before best checkpoints were kept)'
+    run = {'run': folder, 'mIoU': picked['mIoU']}
+    for k in ('mIoU16', 'aAcc', 'iteration'):
+        if k in picked:
+            run[k] = picked[k]
+    run['IoU'] = dict(picked.get('IoU') or {})
+    for k in ('split', 'dataset_type'):
+        if k in m:
+            run[k] = m[k]
+    return run, None
+
+
+# config keys in which the runs of one experiment may differ (seeds, places, logging, speed)
+SUMMARY_FREE_KEYS = re.compile(r'^(train\.(seed|work_dir|device|tensorboard|log_interval|debug_img_interval|'
+                               r'ckpt_interval|ckpt_minutes|eval_interval)|data\.num_workers|.*\.root)$')
+
+
+def _flat(tree, prefix=''):
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+    return out
+
+
+def config_differences(folders):
+    """{key: [value per folder]} of the config.yaml entries in which the run folders differ (other
+    than SUMMARY_FREE_KEYS), and the folders without a readable config.yaml."""
+    import mic_config
+    configs, missing = {}, []
+    for folder in folders:
+        try:
+            configs[folder] = _flat(mic_config.read_yaml(os.path.join(folder, 'config.yaml'), 'config.yaml'))
+        except (mic_config.ConfigError, OSError):
+            missing.append(folder)
+    keys = sorted({k for c in configs.values() for k in c if not SUMMARY_FREE_KEYS.match(k)})
+    diffs = {k: [c.get(k) for c in configs.values()] for k in keys}
+    return {k: v for k, v in diffs.items() if any(x != v[0] for x in v)}, missing
+
+
+def summarize(patterns, which='last'):
     """Mean and sample standard deviation (n - 1) over the finished runs matching `patterns`.
 
-    Returns {'runs': [{'run', 'mIoU', ['mIoU16'], 'aAcc', 'IoU'}], 'unfinished': [{'run', 'reason'}],
-    'unmatched': [pattern], 'n': number of finished runs, 'mean', 'std', 'count': {'mIoU', ['mIoU16'],
-    'aAcc', 'IoU': {class: value}}, 'std_definition', 'warnings'}. A class or metric that is null in a
-    run (absent from its labels and predictions) is left out of that class's statistics ('count').
-    Raises ReportError when no pattern matches a folder.
+    which: the evaluation of each run, 'last' (default, as the paper reports) or 'best' (the best
+    evaluation during training: chosen on the evaluated split itself, so optimistic).
+    Returns {'runs': [{'run', 'mIoU', ['mIoU16'], 'aAcc', 'IoU', ['iteration']}], 'unfinished': [{'run',
+    'reason'}], 'unmatched': [pattern], 'n': number of finished runs, 'which', 'mean', 'std', 'count':
+    {'mIoU', ['mIoU16'], 'aAcc', 'IoU': {class: value}}, 'std_definition', 'warnings'}. A class or metric
+    that is null in a run (absent from its labels and predictions) is left out of that class's statistics.
+    Raises ReportError when no pattern matches a folder, and when the finished runs have different
+    configs (config.yaml; seeds, folders and logging may differ): a mean over them would mean nothing.
     """
     folders, unmatched = find_runs(patterns)
     if not folders:
@@ -689,28 +810,17 @@ def summarize(patterns):
                           f"(train.work_dir) or quoted glob patterns, e.g. --summary 'work_dirs/gta2cs_s*'")
     runs, unfinished = [], []
     for folder in folders:
-        path = os.path.join(folder, METRICS_NAME)
-        if not os.path.isfile(path):
-            unfinished.append({'run': folder, 'reason': _unfinished_reason(folder)})
-            continue
-        try:
-            with open(path) as f:
-                m = json.load(f)
-        except (OSError, ValueError) as e:
-            unfinished.append({'run': folder, 'reason': f'{METRICS_NAME} unreadable: {e}'})
-            continue
-        if not isinstance(m, dict) or _number(m.get('mIoU')) is None:
-            unfinished.append({'run': folder, 'reason': f'{METRICS_NAME} holds no mIoU'})
-            continue
-        run = {'run': folder, 'mIoU': m['mIoU']}
-        for k in ('mIoU16', 'aAcc'):
-            if k in m:
-                run[k] = m[k]
-        run['IoU'] = dict(m.get('IoU') or {})
-        for k in ('split', 'dataset_type'):
-            if k in m:
-                run[k] = m[k]
-        runs.append(run)
+        run, reason = _read_run(folder, which)
+        if run is None:
+            unfinished.append({'run': folder, 'reason': reason})
+        else:
+            runs.append(run)
+    diffs, no_config = config_differences([r['run'] for r in runs])
+    if diffs:
+        listed = '; '.join(f'{k}: {", ".join(map(str, v))}' for k, v in list(diffs.items())[:5])
+        raise ReportError(f'the runs have different configs ({listed}' + (' ...' if len(diffs) > 5 else '') +
+                          f', in the order {", ".join(r["run"] for r in runs)}): summarise the runs of one '
+                          'config (its seeds) at a time')
     classes = _class_order(_unique(n for r in runs for n in r['IoU']))
     metrics = ['mIoU'] + [k for k in ('mIoU16', 'aAcc') if any(k in r for r in runs)]
     mean, std, count = {}, {}, {}
@@ -719,14 +829,16 @@ def summarize(patterns):
     mean['IoU'], std['IoU'], count['IoU'] = {}, {}, {}
     for c in classes:
         mean['IoU'][c], std['IoU'][c], count['IoU'][c] = _stats([_number(r['IoU'].get(c)) for r in runs])
-    warnings = []
+    # (metrics.json files written by hand or by mic_eval.py have no config.yaml beside them: nothing to compare)
+    warnings = [f'{f}: no config.yaml, its config was not compared with the others' for f in no_config
+                if len(no_config) < len(runs)]
     for k in ('split', 'dataset_type'):
         values = _unique(str(r[k]) for r in runs if k in r)
         if len(values) > 1:
             warnings.append(f'the runs were evaluated on different {k}s: {", ".join(values)}')
     if any(k in r for r in runs for k in ('mIoU16',)) and not all('mIoU16' in r for r in runs):
         warnings.append('only some runs hold mIoU16 (Synthia sources): are these runs of one experiment?')
-    return {'runs': runs, 'unfinished': unfinished, 'unmatched': unmatched, 'n': len(runs),
+    return {'runs': runs, 'unfinished': unfinished, 'unmatched': unmatched, 'n': len(runs), 'which': which,
             'mean': mean, 'std': std, 'count': count, 'std_definition': STD_DEFINITION, 'warnings': warnings}
 
 
@@ -759,6 +871,11 @@ def format_summary(summary):
                 if n > 1 else 'IoU and mIoU in %: one finished run, no standard deviation (it needs 2 or more)')
         if 'mIoU16' in mean:
             note += '; mIoU16 = mean over the 16 Synthia classes'
+        if summary.get('which') == 'best':
+            note += ('; the best evaluation of each run (chosen on this very split, so optimistic; the paper '
+                     'reports the last)')
+        else:
+            note += '; the last evaluation of each run (as the paper reports)'
         if any(c < n for c in summary['count']['IoU'].values()):
             note += '; – = absent from labels and predictions (left out of the mean)'
         lines.append(note + '.')
@@ -773,12 +890,13 @@ def format_summary(summary):
     return '\n'.join(lines)
 
 
-def summary_main(patterns, json_path=None, stream=None):
-    """The --summary command: prints the markdown table, writes JSON to json_path (atomically) when
-    given, returns the summary. Errors: a message and exit status 2."""
+def summary_main(patterns, json_path=None, stream=None, which='last'):
+    """The --summary command: prints the markdown table of the runs' `which` evaluation ('last' or
+    'best'), writes JSON to json_path (atomically) when given, returns the summary. Errors: a message
+    and exit status 2."""
     stream = stream if stream is not None else sys.stdout
     try:
-        summary = summarize(patterns)
+        summary = summarize(patterns, which)
     except ReportError as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(2)

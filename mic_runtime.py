@@ -16,7 +16,10 @@ import json
 import os
 import re
 import secrets
+import signal
+import socket
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -165,7 +168,8 @@ def _os_error_in(e):
 
 
 def remove_temp_files(folder):
-    """Delete the hidden temporary files that a killed atomic_write left in `folder`; their names."""
+    """Delete the hidden temporary files that a killed atomic_write left in `folder`; their names.
+    In a run folder only through RunLock.remove_temp_files: a live run's write looks the same."""
     removed = []
     if os.path.isdir(folder):
         for name in os.listdir(folder):
@@ -256,3 +260,275 @@ def limit_threads(local_world_size=None):
     if torch.get_num_threads() > limit:
         torch.set_num_threads(limit)
     return torch.get_num_threads()
+
+
+
+# --------------------------------------------------------------------------
+# Stopping on request: SIGTERM (Slurm, Kubernetes, torchrun), SIGUSR1 (Slurm's warning), SIGINT (Ctrl-C)
+# --------------------------------------------------------------------------
+
+STOP_SIGNALS = ('SIGTERM', 'SIGUSR1', 'SIGINT')
+
+
+def stop_exit_status(name):
+    """The exit status after a requested stop: 128 + the signal's number, the status a shell gives
+    a process killed by that signal (SIGINT 130, SIGUSR1 138, SIGTERM 143). Never 0: the run is not
+    finished, so a supervisor that restarts failed jobs (Kubernetes, torchrun --max-restarts, a job
+    script that requeues on failure) restarts it, and --resume continues where it stopped."""
+    return 128 + int(getattr(signal, name))
+
+
+class StopSignals:
+    """Turns SIGTERM, SIGUSR1 and SIGINT into a request that the run loop reads between iterations.
+
+        with StopSignals() as stop:
+            for it in range(start, max_iters):
+                ...one iteration...
+                if stop.agreed(device):       # the same answer on every rank (one tiny all_reduce)
+                    save(it + 1); sys.exit(stop_exit_status(stop.requested()))
+
+    The handlers only record the signal: the first one wins, and later SIGTERM/SIGUSR1 and a second
+    SIGINT are ignored, so that a second Ctrl-C while the checkpoint is written raises nothing. A
+    third SIGINT aborts at once (KeyboardInterrupt, no checkpoint): the escape from a run that hangs
+    (a stuck data loader or collective) and never reaches the next check. DataLoader workers forked
+    inside the block inherit the handlers, so a signal to the whole process group leaves them quiet;
+    the main process shuts them down. On exit the previous handlers come back.
+
+    Only the main thread may install signal handlers; elsewhere the object does nothing.
+    """
+
+    def __init__(self, names=STOP_SIGNALS):
+        self.names = tuple(names)
+        self.name = None  # the first signal received
+        self.interrupts = 0  # SIGINTs received
+        self._previous = {}
+        self._flag = self._host = self._event = self._work = None  # the pending distributed check
+        self._agreed = None
+        self.checkpoint_due = False  # the agreed answer to agreed()'s `checkpoint_due` (time-based checkpoints)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in self.names:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False
+
+    def _record(self, signum, frame):
+        # No printing here: a handler runs between two bytecodes, possibly inside a print to the same stream.
+        name = signal.Signals(signum).name
+        if self.name is None:
+            self.name = name
+        if name == 'SIGINT':
+            self.interrupts += 1
+            if self.interrupts >= 3:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+
+    def requested(self):
+        """The name of the first stop signal received ('SIGTERM', ...), or None."""
+        return self.name
+
+    def agreed(self, device=None, checkpoint_due=False):
+        """The stop signal every rank agrees on, or None; call it once per iteration on every rank.
+
+        checkpoint_due: this rank's wish for a checkpoint (train.ckpt_minutes passed on its clock); the
+        agreed answer (any rank's wish) is in self.checkpoint_due afterwards, so that all ranks save together.
+        Not distributed: requested() and checkpoint_due as given. Under torchrun: each call posts this
+        rank's flags (the signal's number, 0 for none; the wish) to an asynchronous all_reduce (MAX) and
+        returns the result of the previous call's all_reduce, so that every rank gets the same answer at
+        the same call, one iteration after the signal at the latest. Waiting for the previous result costs
+        no host synchronisation with the current iteration's work: on a GPU the result is copied to
+        pinned host memory behind an event.
+        """
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            self.checkpoint_due = bool(checkpoint_due)
+            return self.requested()
+        answer = self._collect()
+        self._post(torch.device(device) if device is not None else torch.device('cpu'), checkpoint_due)
+        return answer
+
+    def _post(self, device, checkpoint_due):
+        if self._flag is None:
+            self._flag = torch.zeros(2, dtype=torch.int32, device=device)
+            pinned = device.type == 'cuda'
+            self._host = torch.zeros(2, dtype=torch.int32, pin_memory=pinned)
+            self._event = torch.cuda.Event() if device.type == 'cuda' else None
+        # one host-to-device copy of two numbers; non_blocking from pageable memory is still ordered on the stream
+        self._flag.copy_(torch.tensor([int(getattr(signal, self.name)) if self.name else 0, int(bool(checkpoint_due))],
+                                      dtype=torch.int32), non_blocking=True)
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True)
+        if self._event is not None:
+            self._work.wait()  # NCCL: the current stream waits for the collective, the host does not
+            self._host.copy_(self._flag, non_blocking=True)
+            self._event.record()
+
+    def _collect(self):
+        self.checkpoint_due = False
+        if self._work is None:
+            return self._agreed
+        if self._event is not None:
+            self._event.synchronize()  # waits for the previous iteration's flag only
+        else:
+            self._work.wait()
+            self._host.copy_(self._flag)
+        self._work = None
+        code, due = self._host.tolist()
+        self.checkpoint_due = bool(due)
+        if code and self._agreed is None:
+            self._agreed = signal.Signals(code).name
+            if self.name is None:  # another rank was signalled: this one stops for the same reason
+                self.name = self._agreed
+        return self._agreed
+
+    def close(self):
+        """Wait for a pending all_reduce (before the process group is destroyed)."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+
+
+
+# --------------------------------------------------------------------------
+# One training per run folder: the lock file
+# --------------------------------------------------------------------------
+
+LOCK_NAME = '.lock'
+
+
+class RunLockError(RuntimeError):
+    """The run folder is in use by another run (or holds a lock this process cannot judge)."""
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class RunLock:
+    """The lock file RUN/.lock ({host, pid, since}) that keeps a second training out of a run folder.
+
+        with RunLock(work_dir) as lock:   # RunLockError names the run that holds the folder
+            if lock.took_over: print(lock.took_over)   # a stale lock of a dead process was replaced
+            remove_temp_files(work_dir)   # safe now: no other run writes here
+
+    Created with O_CREAT | O_EXCL, so of two runs started at once exactly one gets it. A lock of a
+    process on this host that no longer exists is stale and taken over (took_over says whose it was).
+    A lock of another host cannot be checked from here: refused, with the command that removes it.
+    Released (deleted, if still ours) on exit; a run killed with SIGKILL leaves it for the next one to
+    take over.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK_NAME)
+        self.took_over = None
+        self.held = False
+        self.owner = {'host': socket.gethostname(), 'pid': os.getpid(),
+                      'since': datetime.datetime.now().isoformat(timespec='seconds')}
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+    def acquire(self):
+        make_dirs(self.folder)
+        for _ in range(3):  # create; on a stale lock remove it and create again (another run may race us)
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                self._judge(self._read())
+                continue
+            except OSError as e:
+                raise output_error(e, self.path, self.folder, what=f'cannot lock the run folder {self.folder}') \
+                    from None
+            with os.fdopen(fd, 'w') as f:
+                json.dump(self.owner, f)
+            self.held = True
+            return self
+        raise RunLockError(f'could not lock {self.folder}: another run keeps taking {self.path}')
+
+    def _read(self):
+        try:
+            with open(self.path) as f:
+                owner = json.load(f)
+            return owner if isinstance(owner, dict) else {}
+        except FileNotFoundError:
+            return None  # released in the meantime: try again
+        except (OSError, ValueError):
+            return {}  # empty or damaged (its writer died right after creating it)
+
+    def _judge(self, owner):
+        """Return to try again (the lock was stale and is removed, or vanished), else raise."""
+        if owner is None:
+            return
+        host, pid, since = owner.get('host'), owner.get('pid'), owner.get('since', '?')
+        remove = f'if no training runs in this folder, delete the lock: rm {self.path}'
+        if host == self.owner['host'] and isinstance(pid, int) and not _pid_alive(pid):
+            os.unlink(self.path)
+            self.took_over = (f'note: took over the lock of {self.folder} left by process {pid} '
+                              f'(started {since}), which no longer runs')
+            return
+        if host == self.owner['host'] and isinstance(pid, int):
+            raise RunLockError(f'{self.folder} is in use by another training (process {pid} on this host, '
+                               f'{host}, since {since}); wait for it to end, stop it (kill {pid}: it saves and '
+                               f'exits), or choose another train.work_dir. If that process is not a training '
+                               f'(its number was reused), {remove}')
+        if host is None or not isinstance(pid, int):
+            raise RunLockError(f'{self.folder} is locked ({self.path} is unreadable or incomplete); {remove}')
+        raise RunLockError(f'{self.folder} is in use by another training (process {pid} on host {host}, '
+                           f'since {since}); this host cannot check whether it still runs. Wait for it to end, '
+                           f'or choose another train.work_dir; {remove}')
+
+    def remove_temp_files(self):
+        """remove_temp_files(run folder), allowed only while the lock is held: another live run's
+        checkpoint write in progress looks exactly like the leftover of a killed one."""
+        if not self.held:
+            raise RuntimeError(f'remove_temp_files of {self.folder} without holding its lock')
+        return remove_temp_files(self.folder)
+
+    def release(self):
+        """Delete the lock file if it is still this process's."""
+        if not self.held:
+            return
+        self.held = False
+        owner = self._read()
+        if owner and owner.get('host') == self.owner['host'] and owner.get('pid') == self.owner['pid']:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def die_with_parent(parent_pid=None):
+    """Have the kernel kill this process (SIGKILL) when its parent dies; for DataLoader workers
+    (worker_init_fn), which otherwise notice a dead main process only at their next status check,
+    seconds later. parent_pid: the main process's PID, read before the workers start (if this process
+    already has another parent, that one died: exit now). Linux only (prctl PR_SET_PDEATHSIG);
+    elsewhere nothing. Returns True when set."""
+    if not sys.platform.startswith('linux'):
+        return False
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ok = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+    if ok and parent_pid is not None and os.getppid() != parent_pid:  # the parent died before prctl
+        os._exit(0)
+    return ok

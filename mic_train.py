@@ -4,13 +4,24 @@
     python mic_train.py --cfg configs/gta2cs.yaml        # MIC(HRDA) GTA->Cityscapes on one GPU
     torchrun --standalone --nproc_per_node=4 mic_train.py --cfg configs/gta2cs.yaml   # 4 GPUs (batch 2 per GPU)
     python mic_train.py --cfg configs/gta2cs.yaml --resume            # continue from train.work_dir/latest.pth
+                                                                      # (a new run when there is none yet)
     python mic_train.py --cfg configs/gta2cs.yaml --opt train.amp=bf16 model.activation_checkpointing=true
     python mic_train.py --cfg configs/gta2cs.yaml --benchmark 20      # s/iteration and peak memory, no data needed
 
 The run folder (train.work_dir) receives config.yaml (the resolved config), command.txt,
 log.jsonl (losses, lr, pseudo-label confidence, time, memory; evaluations), debug/ (image
-grids), latest.pth (student, teachers, optimizer, RNG, iteration, config) and, at the end,
-metrics.json and preds/ from the evaluation on data.val.
+grids), latest.pth (student, teachers, optimizer, RNG, iteration, config; every
+train.ckpt_interval iterations or train.ckpt_minutes, and before every evaluation), best.pth
+(the checkpoint of the best evaluation) and, at the end, metrics.json (the last evaluation, and
+the best under 'best') and preds/ from the evaluation on data.val. Nothing is written before the
+config, the data (data.val included) and the first batch are checked. A running training holds
+the lock RUN/.lock: a second one in the same folder is refused.
+
+On SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) the training finishes the current iteration, writes
+latest.pth at that iteration, prints 'stopped by SIGTERM at iteration N; latest.pth holds
+iteration N; continue with --resume' and exits with 128 + the signal's number (143, 138, 130);
+under torchrun all ranks stop at the same iteration. A third Ctrl-C aborts without a checkpoint.
+Cluster recipes (Slurm requeue, torchrun restarts): docs/cluster.md.
 
 One iteration: EMA teacher update -> source loss (+ ImageNet feature
 distance) -> teacher pseudo-labels on the target -> ClassMix + strong augmentation ->
@@ -27,10 +38,15 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
+import inspect
+import itertools
 import json
 import os
 import random
 import resource
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -100,6 +116,13 @@ def build_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
 
 
+# DDP without broadcasting buffers (BN statistics) from rank 0 at every forward: each rank keeps its own, as
+# in the original. PyTorch 2.13 renamed broadcast_buffers (a FutureWarning per rank) to forward_sync_buffers,
+# which also syncs them once at the start (the same on every rank then: fresh, or loaded from one checkpoint).
+DDP_NO_BUFFER_SYNC = {'forward_sync_buffers': False} if 'forward_sync_buffers' in \
+    inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters else {'broadcast_buffers': False}
+
+
 class Trainer:
     """The stateful modules of a method (student, EMA teacher(s), ...) and their optimizers;
     `step` runs one iteration. It builds what the method's entry in mic_uda.METHODS declares.
@@ -140,7 +163,7 @@ class Trainer:
         self.wrapped = {name: self.modules[name] for name in self.optimizers}
         if world > 1:
             ids = [device.index] if device.type == 'cuda' else None
-            self.wrapped = {name: torch.nn.parallel.DistributedDataParallel(m, device_ids=ids, broadcast_buffers=False)
+            self.wrapped = {name: torch.nn.parallel.DistributedDataParallel(m, device_ids=ids, **DDP_NO_BUFFER_SYNC)
                             for name, m in self.wrapped.items()}
         # each trained module synchronises its gradients (DDP) in the last pass that trains it
         self.last_pass = {m: max(i for i, (_, p) in enumerate(self.passes) if m in p.trains)
@@ -457,6 +480,166 @@ class RunLog:
             self.tb.close()
 
 
+def resume_path(work_dir, resume):
+    """The checkpoint to continue from, or None for a new run.
+
+    --resume / --resume auto: work_dir/latest.pth, and a new run when it does not exist yet, so that
+    one command serves the first start and every restart (docs/cluster.md). --resume PATH: PATH,
+    which must exist."""
+    if not resume:
+        return None
+    if resume == 'auto':
+        path = os.path.join(work_dir, 'latest.pth')
+        if os.path.isfile(path):
+            return path
+        print0(f'--resume auto: {path} does not exist yet; starting a new run')
+        return None
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f'--resume: checkpoint {resume} does not exist')
+    return resume
+
+
+def trained_to_the_end(cfg, ckpt_path):
+    """Whether ckpt_path holds this very config's run at train.max_iters (a restart of a finished run:
+    --resume auto reports it instead of evaluating it again)."""
+    if ckpt_path is None:
+        return False
+    old = mic_model.read_checkpoint(ckpt_path, mmap=True)
+    return old.get('config') == stored(cfg) and old.get('iteration', 0) >= cfg.train.max_iters
+
+
+def check_validation_split(cfg):
+    """List data.val before the first iteration: a wrong root or split fails now, naming its path,
+    and not at the first evaluation hours later."""
+    val = cfg.data.val
+    if not mic_data.list_samples(val, need_labels=mic_data.has_labels(val)):
+        raise mic_data.DataError(f'data.val ({val.root}, split {val.split}) holds no images')
+
+
+def first_batches(loader, ckpt, rank):
+    """The batch iterator, restored RNG state, and the first batch drawn: a data error of the first
+    batch fails before anything is written to the run folder. DataLoader workers die with the main
+    process (die_with_parent), not seconds after it."""
+    if loader.num_workers > 0:
+        loader.worker_init_fn = functools.partial(_loader_worker_init, loader.worker_init_fn, os.getpid())
+    batches = iter(loader)
+    if ckpt is not None:  # after the loader is made: it draws its worker seed from the global RNG
+        set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
+    return batches, next(batches)
+
+
+def _loader_worker_init(previous, parent_pid, worker_id):
+    mic_runtime.die_with_parent(parent_pid)
+    if previous is not None:
+        previous(worker_id)
+
+
+def close_batches(batches):
+    """Shut the loader's workers down now (persistent workers outlive their iterator otherwise)."""
+    shutdown = getattr(batches, '_shutdown_workers', None)
+    if shutdown is not None:
+        shutdown()
+
+
+def open_run_folder(cfg, command, world, start, device):
+    """Rank 0 takes the run folder's lock and writes config.yaml and command.txt; log.jsonl loses the
+    records after `start`. Every rank fails when rank 0 did (one flag, all_reduce MIN). The lock (rank 0)."""
+    lock, error = None, None
+    if is_main():
+        try:
+            lock = _prepare_run_folder(cfg, command, world, start)
+        except Exception as e:  # raised below, after the other ranks have heard of it
+            error = e
+    if dist.is_initialized():
+        ok = torch.tensor([int(error is None)], device=device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not bool(ok) and error is None:
+            raise mic_runtime.RunLockError('rank 0 could not prepare the run folder (its message says why)')
+    if error is not None:
+        raise error
+    return lock
+
+
+def _prepare_run_folder(cfg, command, world, start):
+    work_dir = cfg.train.work_dir
+    lock = mic_runtime.RunLock(work_dir).acquire()
+    try:
+        if lock.took_over:
+            print0(lock.took_over)
+        removed = lock.remove_temp_files()  # a write that was killed midway (no other run writes here)
+        if removed:
+            print0(f'removed {len(removed)} temporary file(s) of an interrupted write from {work_dir}')
+        mic_runtime.check_writable(work_dir)
+        dropped = mic_report.truncate_log(os.path.join(work_dir, mic_report.LOG_NAME), start)
+        if dropped:
+            print0(f'log.jsonl: dropped {dropped} record(s) after iteration {start} (they are logged again)')
+        atomic_write_text(os.path.join(work_dir, 'config.yaml'), dump_yaml(cfg))
+        append_command(os.path.join(work_dir, 'command.txt'), command, world)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def best_from_log(work_dir):
+    """The best evaluation logged in work_dir/log.jsonl (after its truncation to the resumed
+    iteration), as metrics.json holds it, or None."""
+    path = os.path.join(work_dir, mic_report.LOG_NAME)
+    best = None
+    for r in (mic_report.read_log(path)[1] if os.path.isfile(path) else []):
+        entry = {**r['eval'], 'IoU': r.get('IoU'), 'iteration': r['iteration'],
+                 'checkpoint': os.path.join(work_dir, mic_report.BEST_NAME)}
+        if mic_report.is_best(entry, best):
+            best = entry
+    return best
+
+
+def link_or_copy(src, dst):
+    """dst becomes a copy of src, atomically: a hard link when the file system allows (no extra disk;
+    src is later replaced by a new file, dst keeps this one), else a copy."""
+    tmp = os.path.join(os.path.dirname(dst), f'.{os.path.basename(dst)}.link.tmp')
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        with open(src, 'rb') as f:
+            mic_runtime.atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 24))
+
+
+def time_to_checkpoint(cfg, last_save):
+    """train.ckpt_minutes passed since the last checkpoint (on this rank's clock)."""
+    minutes = cfg.train.ckpt_minutes
+    return bool(minutes) and time.monotonic() - last_save >= 60 * minutes
+
+
+def nonfinite_advice(work_dir):
+    """What to do after a divergence, saying what is true of the run folder: whether a checkpoint
+    exists, and whether the losses logged before it were already exploding (then resuming it would
+    diverge again)."""
+    fix = 'lower optim.lr, use train.amp=none or bf16 instead of fp16, or check the data'
+    ckpt = os.path.join(work_dir, 'latest.pth')
+    if not os.path.isfile(ckpt):
+        return f'No checkpoint was written yet: {fix}, then start again.'
+    kept = mic_model.read_checkpoint(ckpt, mmap=True).get('iteration')
+    where = f'{ckpt} holds iteration {kept} (the non-finite state was not saved)'
+    log = os.path.join(work_dir, mic_report.LOG_NAME)
+    totals = [(r['iteration'], mic_report.total_loss(r)) for r in
+              (mic_report.read_log(log)[0] if os.path.isfile(log) else []) if r['iteration'] <= (kept or 0)]
+    if len(totals) >= 3:
+        typical = statistics.median(t for _, t in totals)
+        it, last = totals[-1]
+        if last > EXPLODING * typical:
+            return (f'{where}, but the losses were already exploding then (total {last:.3g} at iteration {it}, '
+                    f'median {typical:.3g}): resuming it would diverge again. {fix}, then start again in a new '
+                    f'train.work_dir.')
+    return f'{where}: {fix}, then continue with --resume.'
+
+
+EXPLODING = 10  # a logged total loss this many times the run's median means the run was diverging
+
+
 def train(cfg, resume=None, command=''):
     """Train cfg in train.work_dir (resume: 'auto' for its latest.pth, or a checkpoint path) and
     evaluate on data.val; returns the final metrics."""
@@ -467,7 +650,10 @@ def train(cfg, resume=None, command=''):
         if finished is not None:
             return finished
         prepare_work_dir(cfg)
-        return Run(cfg, ckpt_path, command, rank, world, device).train()
+        check_validation_split(cfg)  # a wrong data.val fails now, not at the first evaluation
+        # the handlers go in before the loader's workers start, so that the workers inherit them
+        with mic_runtime.StopSignals() as stop:
+            return Run(cfg, ckpt_path, command, rank, world, device).train(stop)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -480,12 +666,9 @@ def resolve_resume(cfg, resume):
     reported, or, when the final evaluation did not write one, the run is resumed to evaluate it."""
     work_dir = cfg.train.work_dir
     latest = os.path.join(work_dir, 'latest.pth')
-    ckpt_path = None
-    if resume:
-        ckpt_path = latest if resume == 'auto' else resume
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f'--resume: checkpoint {ckpt_path} does not exist')
-    if not check_work_dir(cfg, resume):
+    ckpt_path = resume_path(work_dir, resume)  # --resume auto: None when there is nothing to resume yet
+    if not check_work_dir(cfg, ckpt_path is not None) and not (resume == 'auto' and
+                                                               trained_to_the_end(cfg, ckpt_path)):
         return ckpt_path, None
     path = os.path.join(work_dir, 'metrics.json')
     if not os.path.exists(path):  # trained to the end, but stopped before the final evaluation
@@ -501,12 +684,9 @@ def resolve_resume(cfg, resume):
 
 
 def prepare_work_dir(cfg):
-    """Rank 0 removes what a killed checkpoint write left behind and generates the demo data."""
-    work_dir = cfg.train.work_dir
+    """Rank 0 generates the demo data. (What a killed write left behind is removed under the run
+    folder's lock: open_run_folder.)"""
     if is_main():
-        removed = mic_runtime.remove_temp_files(work_dir)
-        if removed:
-            print0(f'removed {len(removed)} temporary file(s) of an interrupted write from {work_dir}')
         if cfg.data.demo.enabled:
             mic_demo.ensure_demo_data(cfg.data.demo, log=print0)
     if dist.is_initialized():
@@ -528,13 +708,9 @@ class Run:
         self.start = self.ckpt['iteration'] if self.ckpt else 0
         self.loader = mic_data.build_train_loader(cfg.data, cfg.train.seed, rank=rank, start_iter=self.start) \
             if self.start < self.max_iters else None
-        self.best = self.ckpt['meta'].get('best_mIoU') if self.ckpt else None
         self.classes = mic_data.class_table(cfg.data, cfg.model.num_classes)  # names and colours of data.classes
-        if is_main():
-            self.write_run_files()
-        if ckpt_path:
-            print0(f'resumed {ckpt_path} at iteration {self.start}')
-        self.log = RunLog(cfg, self.start, enabled=is_main(), palette=self.classes.palette)
+        self.ckpt_path, self.best, self.log = ckpt_path, None, None  # best: the best evaluation (dict)
+        self.saved, self.last_save = None, time.monotonic()  # the iteration and time of the last checkpoint
         self.nonfinite = NonFiniteWatch(device)
         self.meter = IntervalMeter(device)
 
@@ -546,49 +722,64 @@ class Run:
         self.trainer.load_state_dict(ckpt)
         return ckpt
 
-    def write_run_files(self):
-        mic_runtime.make_dirs(self.work_dir)
-        mic_runtime.check_writable(self.work_dir)
-        atomic_write_text(os.path.join(self.work_dir, 'config.yaml'), dump_yaml(self.cfg))
-        append_command(os.path.join(self.work_dir, 'command.txt'), self.command, self.world)
+    def open(self):
+        """After the first batch: the run folder locked and written (rank 0), the log opened."""
+        lock = open_run_folder(self.cfg, self.command, self.world, self.start, self.device)
+        if self.ckpt_path:
+            print0(f'resumed {self.ckpt_path} at iteration {self.start}')
+        self.best = best_from_log(self.work_dir) if is_main() else None
+        self.log = RunLog(self.cfg, self.start, enabled=is_main(), palette=self.classes.palette)
+        return lock
 
-    def train(self):
-        """The iterations from the checkpoint's on (if any are left), then the final evaluation."""
-        t, it = self.cfg.train, self.start
+    def train(self, stop):
+        """The iterations from the checkpoint's on (if any are left), then the final evaluation.
+        At an evaluation iteration the checkpoint comes first; `stop` (StopSignals) ends the run
+        with a checkpoint at the iteration reached (TrainingStopped)."""
+        t, it, batches, loader_iter, lock = self.cfg.train, self.start, None, None, None
         try:
-            if self.loader is not None:
-                batches = self.batches()
-                for it in range(self.start, self.max_iters):
-                    self.iteration(next(batches), it)
-                    done = it + 1
-                    if done % t.log_interval == 0 or done == self.max_iters:
-                        self.log_train(done)
-                    if t.eval_interval and done % t.eval_interval == 0 and done < self.max_iters:
-                        self.evaluate(done)
-                    if (t.ckpt_interval and done % t.ckpt_interval == 0) or done == self.max_iters:
-                        self.save(done)
-                it = self.max_iters
-            else:
+            if self.loader is not None:  # the first batch before any file: a data error leaves no run folder
+                loader_iter, first = first_batches(self.loader, self.ckpt, self.trainer.rank)
+                batches = itertools.chain([first], loader_iter)
+            self.ckpt = None  # free its tensors
+            lock = self.open()
+            self.meter.reset()
+            for it in range(self.start, self.max_iters if batches is not None else self.start):
+                self.iteration(next(batches), it)
+                done = it + 1
+                if done % t.log_interval == 0 or done == self.max_iters:
+                    self.log_train(done)
+                evaluating = t.eval_interval and done % t.eval_interval == 0 and done < self.max_iters
+                if evaluating or (t.ckpt_interval and done % t.ckpt_interval == 0) or done == self.max_iters:
+                    self.save(done)
+                if evaluating:
+                    self.evaluate(done)
+                self.stop_if_asked(stop, done)
+            if batches is None:
                 print0(f'{self.work_dir} already trained to iteration {self.max_iters}; evaluating')
+            it = self.max_iters
             pred_dir = os.path.join(self.work_dir, 'preds') if is_main() else None
             metrics = self.evaluate(self.max_iters, pred_dir=pred_dir)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # the third Ctrl-C (StopSignals): no checkpoint
             raise TrainingInterrupted(it, self.work_dir) from None
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f'{e} {nonfinite_advice(self.work_dir)}') from None
         finally:
-            self.log.close()
+            close_batches(loader_iter)
+            if self.log is not None:
+                self.log.close()
+            if lock is not None:
+                lock.release()
         self.finish(metrics)
         return metrics
 
-    def batches(self):
-        """The loader's iterator, with the checkpoint's RNG state restored after it is made (the
-        loader draws its worker seed from the global RNG)."""
-        batches = iter(self.loader)
-        if self.ckpt is not None:
-            states = self.ckpt['rng']
-            set_rng_state(states[self.trainer.rank] if self.trainer.rank < len(states) else states[0])
-        self.ckpt = None  # free its tensors
-        self.meter.reset()
-        return batches
+    def stop_if_asked(self, stop, done):
+        """Once per iteration on every rank: a checkpoint when train.ckpt_minutes passed, and on a stop
+        signal (agreed by all ranks) a checkpoint at `done` and TrainingStopped."""
+        signal_name = stop.agreed(self.device, checkpoint_due=time_to_checkpoint(self.cfg, self.last_save))
+        if (signal_name or stop.checkpoint_due) and self.saved != done:
+            self.save(done)
+        if signal_name:
+            raise TrainingStopped(signal_name, done)
 
     def iteration(self, batch, it):
         t0 = time.time()
@@ -614,31 +805,41 @@ class Run:
         labelled = mic_data.has_labels(cfg.data.val)
         if not labelled and iteration < self.max_iters:
             return None
-        metrics = mic_eval.evaluate(self.trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
-                                    device=self.device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
-                                    synthia16=cfg.data.source.type == 'synthia',
-                                    num_workers=cfg.data.num_workers, classes=self.classes, bands=cfg.data)
+        # The evaluation draws from the global RNG (its DataLoader's seed). latest.pth of this iteration was
+        # written before it, so the training must go on with the numbers it had then: a resumed run is exact.
+        state = rng_state()
+        try:
+            metrics = mic_eval.evaluate(self.trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
+                                        device=self.device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
+                                        synthia16=cfg.data.source.type == 'synthia',
+                                        num_workers=cfg.data.num_workers, classes=self.classes, bands=cfg.data)
+        finally:
+            set_rng_state(state)
         if 'mIoU' not in metrics and not labelled:
             print0(f'data.val ({cfg.data.val.root}) has no labels: cannot compute mIoU, predictions only')
             return {'mIoU': None, **metrics}
         if 'mIoU' not in metrics:
             raise mic_data.DataError(f'data.val ({cfg.data.val.root}, split {cfg.data.val.split}) is not fully '
                                      'labelled: training evaluates on a labelled split; point data.val at one')
-        if self.best is None or metrics['mIoU'] > self.best:
-            self.best = metrics['mIoU']
-        self.log.eval_record(iteration, metrics, self.best)
+        entry = {**metrics, 'iteration': iteration, 'checkpoint': os.path.join(self.work_dir, mic_report.BEST_NAME)}
+        if is_main() and mic_report.is_best(entry, self.best):  # best.pth: latest.pth of this iteration
+            self.best = entry
+            link_or_copy(os.path.join(self.work_dir, 'latest.pth'), entry['checkpoint'])
+        self.log.eval_record(iteration, metrics, self.best['mIoU'] if self.best else metrics['mIoU'])
         return metrics
 
     def save(self, iteration):
         """latest.pth, written by rank 0 with every rank's RNG state, once the state is checked finite."""
         self.nonfinite.check_before_checkpoint(self.trainer, iteration)
         states = gather_rng_states()
+        self.saved, self.last_save = iteration, time.monotonic()
         if not is_main():
             return
         cfg = self.cfg
         checkpoint = {**self.trainer.state_dict(), 'iteration': iteration, 'rng': states,
                       'sampler': {'next_index': iteration * cfg.data.batch_size}, 'config': stored(cfg),
-                      'meta': {'command': self.command, 'git_commit': git_commit(), 'best_mIoU': self.best,
+                      'meta': {'command': self.command, 'git_commit': git_commit(),
+                               'best_mIoU': self.best['mIoU'] if self.best else None,
                                'time': datetime.datetime.now().isoformat(timespec='seconds'),
                                'torch': str(torch.__version__), 'world_size': self.world}}
         mic_runtime.atomic_write(os.path.join(self.work_dir, 'latest.pth'), lambda f: torch.save(checkpoint, f))
@@ -648,8 +849,8 @@ class Run:
         if not is_main():
             return
         work_dir, n = self.work_dir, self.max_iters
-        mic_runtime.save_json(os.path.join(work_dir, 'metrics.json'),
-                              {**metrics, 'checkpoint': os.path.join(work_dir, 'latest.pth')})
+        last = {**metrics, 'iteration': n, 'checkpoint': os.path.join(work_dir, 'latest.pth')}
+        mic_runtime.save_json(os.path.join(work_dir, 'metrics.json'), mic_report.metrics_record(last, self.best))
         if metrics['mIoU'] is None:
             print0(f'trained {n} iterations; no mIoU without labels: predictions in {work_dir}/preds')
         else:
@@ -683,12 +884,27 @@ class IntervalMeter:
         return record
 
 
+class TrainingStopped(Exception):
+    """A stop asked for by a signal, after latest.pth was written at the iteration reached; `status`
+    is the exit status (mic_runtime.stop_exit_status: 130 SIGINT, 138 SIGUSR1, 143 SIGTERM)."""
+
+    def __init__(self, signal_name, iteration):
+        self.status = mic_runtime.stop_exit_status(signal_name)
+        super().__init__(f'stopped by {signal_name} at iteration {iteration}; latest.pth holds iteration '
+                         f'{iteration}; continue with --resume')
+
+
 class TrainingInterrupted(Exception):
-    """Ctrl-C (or SIGINT): the message says where the run stopped and how to continue it."""
+    """An abort without a checkpoint (the third Ctrl-C, or Ctrl-C before the loop): the message says
+    where the run stopped and how to continue it."""
 
     def __init__(self, iteration, work_dir):
         ckpt = os.path.join(work_dir, 'latest.pth')
-        kept = mic_model.read_checkpoint(ckpt, mmap=True).get('iteration') if os.path.isfile(ckpt) else None
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # one more Ctrl-C here would print a traceback
+        try:
+            kept = mic_model.read_checkpoint(ckpt, mmap=True).get('iteration') if os.path.isfile(ckpt) else None
+        finally:
+            signal.signal(signal.SIGINT, previous)
         where = f'the checkpoint {ckpt} holds iteration {kept}' if kept is not None else 'no checkpoint was written yet'
         super().__init__(f'training interrupted at iteration {iteration}; {where}. Continue it with the same '
                          f'command plus --resume' + ('' if kept is not None else ' (or start it again)'))
@@ -715,8 +931,7 @@ class NonFiniteWatch:
     def check(self):
         if self.bad is not None and bool(self.bad.any()):  # the one synchronisation, at a log interval or checkpoint
             names = [k for k, b in zip(self.keys, self.bad.tolist()) if b]
-            raise NonFiniteLossError(f'non-finite loss at iteration {int(self.first)}: {", ".join(names)}. '
-                                     f'{NONFINITE_ADVICE}')
+            raise NonFiniteLossError(f'non-finite loss at iteration {int(self.first)}: {", ".join(names)}.')
 
     def check_before_checkpoint(self, trainer, iteration):
         self.check()
@@ -724,11 +939,7 @@ class NonFiniteWatch:
                               trainer.modules[m].parameters()]).all()
         if not bool(finite):
             raise NonFiniteLossError(f'the weights became non-finite by iteration {iteration} (the losses were '
-                                     f'finite: an overflow in the update); {NONFINITE_ADVICE}')
-
-
-NONFINITE_ADVICE = ('The last checkpoint is intact (the non-finite state was not saved); lower optim.lr, use '
-                    'train.amp=none or bf16 instead of fp16, or check the data, then continue with --resume.')
+                                     f'finite: an overflow in the update).')
 
 
 def append_command(path, command, world):
@@ -760,22 +971,29 @@ def benchmark(cfg, iters):
         batch = {k: v.to(device) for k, v in batch.items()}
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
-        times = []
+        times, checks = [], []
         warmup = min(3, max(iters - 1, 0))
-        for i in range(warmup + iters):
-            if device.type == 'cuda':
-                torch.cuda.synchronize(device)
-            t = time.perf_counter()
-            trainer.step(batch, 1000 + i)
-            if device.type == 'cuda':
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
+        with mic_runtime.StopSignals() as stop:  # the run loop's stop check, timed on its own
+            for i in range(warmup + iters):
+                if device.type == 'cuda':
+                    torch.cuda.synchronize(device)
+                t = time.perf_counter()
+                trainer.step(batch, 1000 + i)
+                t_check = time.perf_counter()
+                stop.agreed(device)
+                t_end = time.perf_counter()
+                if device.type == 'cuda':
+                    torch.cuda.synchronize(device)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t - (t_end - t_check))
+                    checks.append(t_end - t_check)
         result = {'config': cfg.train.work_dir, 'device': str(device),
                   'gpu': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
                   'amp': cfg.train.amp, 'activation_checkpointing': cfg.model.activation_checkpointing,
                   'compile': cfg.train.compile, 'batch': B, 'crop': [H, W], 'iterations': iters,
                   'median_s_per_iter': round(statistics.median(times), 4), 'peak_memory_mb': round(memory_mb(device)),
+                  'stop_check_median_s': float(f'{statistics.median(checks):.3g}'),
+                  'stop_check_share': float(f'{statistics.median(checks) / statistics.median(times):.3g}'),
                   'world_size': world, 'torch': torch.__version__}
         print0(json.dumps(result))
         return result
@@ -796,7 +1014,9 @@ def main(argv=None):
     parser.add_argument('--opt', nargs='+', default=[], metavar='KEY=VALUE',
                         help='config overrides, e.g. train.max_iters=1000 model.pretrained=null data.batch_size=1')
     parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
-                        help='continue a run exactly (default checkpoint: train.work_dir/latest.pth)')
+                        help='continue a run exactly; --resume (= --resume auto): from train.work_dir/latest.pth, '
+                             'or a new run when there is none yet (one command for the first start and every '
+                             'restart); --resume CKPT: from that file')
     parser.add_argument('--benchmark', type=int, default=None, metavar='N',
                         help='time N iterations on synthetic tensors of the config\'s sizes; prints median '
                              's/iteration and peak memory, needs no dataset')
@@ -817,11 +1037,14 @@ def main(argv=None):
             return benchmark(cfg, args.benchmark)
         command = ' '.join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv)))
         return train(cfg, args.resume, command)
+    except TrainingStopped as e:
+        print0(e)
+        sys.exit(e.status)
     except TrainingInterrupted as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(130)  # the shell's status for Ctrl-C
     except (ConfigError, mic_data.DataError, mic_model.CheckpointError, FileNotFoundError, NonFiniteLossError,
-            mic_report.MissingPackageError) as e:
+            mic_report.MissingPackageError, mic_runtime.RunLockError) as e:
         exit_error(e)
 
 
@@ -843,11 +1066,14 @@ def run_experiment(args, argv):
         for name, metrics in results.items():
             print0(f'{name}: target mIoU {metrics["mIoU"]:.2f}')
         return results
+    except TrainingStopped as e:
+        print0(e)
+        sys.exit(e.status)
     except TrainingInterrupted as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(130)
     except (ConfigError, mic_data.DataError, mic_model.CheckpointError, FileNotFoundError, NonFiniteLossError,
-            mic_report.MissingPackageError) as e:
+            mic_report.MissingPackageError, mic_runtime.RunLockError) as e:
         exit_error(e)
 
 

@@ -59,3 +59,8 @@ def write_cityscapes():
             _save(paths[-1], label, mode='L')
         return paths
     return write
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'soak: repeated stop and resume cycles of a tiny training run (part of the '
+                                       'default run; -m "not soak" leaves them out)')

@@ -46,7 +46,7 @@ def test_run_folder_contents(demo_root, tmp_path, capsys):
         assert os.path.isfile(os.path.join(work, name)), name
     assert len(os.listdir(os.path.join(work, 'preds'))) == 2
     # every file was written through a temporary file that was renamed: nothing else is left
-    assert sorted(os.listdir(work)) == ['command.txt', 'config.yaml', 'debug', 'latest.pth', 'log.jsonl',
+    assert sorted(os.listdir(work)) == ['best.pth', 'command.txt', 'config.yaml', 'debug', 'latest.pth', 'log.jsonl',
                                         'metrics.json', 'preds'] + ['report.png'] * HAS_MATPLOTLIB + \
         ['tensorboard'] * HAS_TENSORBOARD
     if HAS_TENSORBOARD:  # the event file holds what log.jsonl holds
@@ -135,8 +135,8 @@ def test_bad_input_messages(demo_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
         mic_train.main(['--cfg', os.path.join(REPO, 'configs/gta2cs.yaml'), '--opt', 'train.max_itres=3'])
     assert "unknown config key 'train.max_itres'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        run(demo_root, str(tmp_path / 'c'), resume=True)
+    with pytest.raises(SystemExit):  # (--resume without a path starts a new run when there is nothing to resume)
+        mic_train.main(['--cfg', os.path.join(REPO, 'configs/gta2cs.yaml'), '--resume', str(tmp_path / 'c.pth')])
     assert 'does not exist' in capsys.readouterr().err
 
 
