@@ -66,7 +66,7 @@ BACKBONE_TYPES = ('mit_b0', 'mit_b1', 'mit_b2', 'mit_b3', 'mit_b4', 'mit_b5', 'r
 HEAD_TYPES = ('daformer', 'segformer', 'deeplabv2', 'vfm_uda')
 HEAD_OUTPUT_STRIDES = {'daformer': 4, 'segformer': 4, 'deeplabv2': 8, 'vfm_uda': 4}
 MIT_MIN_SIZE = 32  # mic_model.MiT: stage 1 reduces keys/values 8x8 from a map at stride 4
-UDA_MODES = ('dacs', 'source_only', 'advseg', 'minent')  # the keys of mic_train.METHODS
+UDA_MODES = ('dacs', 'source_only', 'advseg', 'minent')  # the keys of mic_uda.METHODS
 
 
 @dataclass
@@ -395,6 +395,12 @@ def _check_relations(cfg):
         raise _bad('uda.fd_lambda', 'the ImageNet feature distance needs thing classes, and data.classes names '
                    'none: list them in data.classes.things (e.g. [car, person]), or set uda.fd_lambda: 0 to train '
                    'without the feature distance')
+    if uda['fd_lambda'] > 0 and not cfg['model']['pretrained']:
+        raise ConfigError('uda.fd_lambda > 0 compares features with the ImageNet encoder, which needs '
+                          'model.pretrained; set uda.fd_lambda=0 to train without the feature distance')
+    if uda['mode'] in ('advseg', 'minent') and cfg['model']['type'] == 'hrda':
+        raise ConfigError(f'uda.mode={uda["mode"]} is implemented for single-scale models (as Table 1 runs it): '
+                          'set model.type=encoder_decoder')
 
 
 def _check_model(model, data=None):

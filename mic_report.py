@@ -21,7 +21,7 @@ Library use (mic_train.py; files and TensorBoard on rank 0 only):
     for it in range(start, max_iters):
         ...; progress.update()
         every log interval:   progress.log(record); tb.add_record(record); tb.add_learning_rates(opt, done)
-        every debug grid:     tb.add_image('debug', path, it)
+        every debug grid:     save_debug_grid(trainer.debug, path, mean, std); tb.add_image('debug', path, it)
         every evaluation:     tb.add_record(eval_record); progress.write(line); write_report(work_dir)
     progress.close(); write_report(work_dir); tb.close()
 
@@ -442,6 +442,49 @@ def pseudo_class_logs(pseudo_label, valid=None, class_names=mic_data.CLASSES):
     order (data.classes: mic_data.class_table(cfg.data, cfg.model.num_classes).names)."""
     shares = pseudo_class_shares(pseudo_label, valid, len(class_names))
     return {PSEUDO_CLASS_PREFIX + name: s for name, s in zip(class_names, shares.unbind())}
+
+
+# --------------------------------------------------------------------------
+# Debug grids of the training step (train.debug_img_interval)
+# --------------------------------------------------------------------------
+
+def save_debug_grid(debug, path, mean, std, max_width=1536, palette=None):
+    """One row per sample, titled columns: source image and label, target image, pseudo-label, mixed
+    image and label, the student's prediction on it, masked image, the prediction on that. Labels in
+    `palette` (the colours of data.classes; default Cityscapes')."""
+    import torch.nn.functional as F
+    from PIL import Image, ImageDraw
+
+    def image(x):
+        return ((x.float() * std[0] + mean[0]).clamp(0, 255)).byte().permute(1, 2, 0).cpu().numpy()
+
+    def label(x):
+        return mic_data.colorize(x.reshape(x.shape[-2:]).cpu().numpy().astype(np.uint8), palette)
+
+    def pred(logits, size):
+        return label(F.interpolate(logits[None].float(), size=size)[0].argmax(0))
+    B, size = debug['source'].shape[0], tuple(debug['source'].shape[2:])
+    columns = [('source', lambda i: image(debug['source'][i])), ('src label', lambda i: label(debug['source_gt'][i])),
+               ('target', lambda i: image(debug['target'][i]))]
+    if 'pseudo_label' in debug:
+        columns += [('pseudo', lambda i: label(debug['pseudo_label'][i])),
+                    ('mixed', lambda i: image(debug['mixed'][i])),
+                    ('mix label', lambda i: label(debug['mixed_label'][i])),
+                    ('mix pred', lambda i: pred(debug['mix_pred'][i], size))]
+    if 'masked' in debug:
+        columns += [('masked', lambda i: image(debug['masked'][i])),
+                    ('mask pred', lambda i: pred(debug['masked_pred'][i], size))]
+    rows = np.concatenate([np.concatenate([fn(i) for _, fn in columns], axis=1) for i in range(B)], axis=0)
+    header = Image.new('RGB', (rows.shape[1], 14), 'white')
+    draw = ImageDraw.Draw(header)
+    for j, (title, _) in enumerate(columns):
+        draw.text((j * size[1] + 2, 1), title, fill='black')
+    grid = Image.new('RGB', (rows.shape[1], rows.shape[0] + 14))
+    grid.paste(header, (0, 0))
+    grid.paste(Image.fromarray(rows), (0, 14))
+    if grid.width > max_width:
+        grid = grid.resize((max_width, round(grid.height * max_width / grid.width)), Image.BILINEAR)
+    mic_data.save_png(path, np.asarray(grid))
 
 
 # --------------------------------------------------------------------------

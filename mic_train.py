@@ -21,7 +21,6 @@ import contextlib
 import copy
 import datetime
 import json
-import math
 import os
 import random
 import resource
@@ -29,13 +28,10 @@ import statistics
 import subprocess
 import sys
 import time
-import types
-from typing import Callable, NamedTuple, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import mic_data
 import mic_demo
@@ -44,107 +40,13 @@ import mic_experiments
 import mic_model
 import mic_report
 import mic_runtime
+import mic_uda
 from mic_config import ConfigError, dump_yaml, load_config, stored  # noqa: F401  (load_config: public API)
 from mic_runtime import atomic_write_text, exit_error, is_main, print0, setup_distributed
 
 # --------------------------------------------------------------------------
-# Self-training helpers (public: tests and users rely on these names)
+# The student's optimizer and learning rate
 # --------------------------------------------------------------------------
-
-
-def ema_update(teacher, student, iteration, alpha):
-    """Mean teacher: at iteration 0 a copy of the student, then theta_t <- a theta_t + (1 - a) theta_s
-    with a = min(1 - 1 / (iteration + 1), alpha). Parameters only; buffers (BN statistics) are not averaged."""
-    t_params = [p for p in teacher.parameters()]
-    s_params = [p.detach() for p in student.parameters()]
-    with torch.no_grad():
-        if iteration == 0:
-            torch._foreach_copy_(t_params, s_params)
-            return
-        a = min(1 - 1 / (iteration + 1), alpha)
-        torch._foreach_mul_(t_params, a)
-        torch._foreach_add_(t_params, s_params, alpha=1 - a)
-
-
-def pseudo_label_and_weight(logits, threshold, valid_mask=None, ignore_top=0, ignore_bottom=0):
-    """Teacher logits [B,K,H,W] -> (pseudo-label [B,H,W] long, weight [B,H,W] float).
-
-    The weight is one scalar for the whole batch, the share of pixels whose max softmax
-    probability is >= threshold (threshold None: weight 1), times the valid-region mask
-    [B,1,H,W] (pseudo-label margins) and with DAFormer's legacy top/bottom rows zeroed.
-    Computed on the device: no host synchronisation.
-    """
-    prob, label = torch.softmax(logits.detach().float(), dim=1).max(dim=1)
-    if threshold is None:
-        weight = torch.ones_like(prob)
-    else:
-        weight = (prob >= threshold).float().mean().expand_as(prob).clone()
-    if ignore_top > 0:
-        weight[:, :ignore_top] = 0
-    if ignore_bottom > 0:
-        weight[:, -ignore_bottom:] = 0
-    if valid_mask is not None:
-        weight = weight * valid_mask.reshape(weight.shape).to(weight.dtype)
-    return label, weight
-
-
-def class_mix_masks(labels, num_classes=19, ignore_index=mic_data.IGNORE_INDEX, generator=None):
-    """ClassMix masks [B,1,H,W] (float 0/1) from source labels [B,1,H,W].
-
-    For every sample: take the classes present in the WHOLE batch (the ignore label counts as
-    one, as in the original), choose ceil(n / 2) of them at random, and mask the pixels of
-    this sample's label that belong to the chosen classes. No host synchronisation.
-    """
-    labels = labels.long()
-    B = labels.shape[0]
-    slot = torch.where(labels == ignore_index, num_classes, labels)  # ignore -> slot K
-    present = torch.zeros(num_classes + 1, dtype=torch.bool, device=labels.device)
-    present[slot.flatten()] = True  # [K+1]; (bincount would size its output from a host-synced max)
-    n_choose = (present.sum() + 1) // 2  # ceil(n / 2)
-    # A random subset of size ceil(n/2) of the present classes: rank the present classes by
-    # uniform keys (absent ones last) and keep the first ceil(n/2), independently per sample.
-    keys = torch.rand((B, num_classes + 1), device=labels.device, generator=generator)
-    keys = torch.where(present, keys, torch.full_like(keys, 2.0))
-    rank = keys.argsort(dim=1).argsort(dim=1)
-    chosen = (rank < n_choose) & present  # [B, K+1]
-    return torch.gather(chosen, 1, slot.flatten(1)).reshape(labels.shape).float()
-
-
-def mix(mask, a, b):
-    """mask * a + (1 - mask) * b for binary masks, keeping a's dtype (also for labels)."""
-    return torch.where(mask.bool(), a, b)
-
-
-def block_mask(batch, height, width, ratio, block_size, device=None, generator=None):
-    """MIC's random patch mask [B,1,H,W] (float): a grid of round(H/b) x round(W/b) cells,
-    each kept where u > ratio, upsampled with nearest interpolation to H x W."""
-    cells = (max(round(height / block_size), 1), max(round(width / block_size), 1))
-    keep = (torch.rand((batch, 1, *cells), device=device, generator=generator) > ratio).float()
-    return F.interpolate(keep, size=(height, width), mode='nearest')
-
-
-def downscale_label_ratio(label, scale, min_ratio, num_classes, ignore_index=mic_data.IGNORE_INDEX):
-    """Majority vote over scale x scale blocks of a label [B,1,H,W] -> [B,1,H/scale,W/scale].
-
-    The majority class (the ignore label takes part as its own class) is kept where it covers
-    at least min_ratio of the block, else ignore_index. Counts per block instead
-    of a one-hot tensor of the full image (scatter_add: no host synchronisation, unlike bincount).
-    """
-    B, C, H, W = label.shape
-    h, w = H // scale, W // scale
-    label = label[:, 0, :h * scale, :w * scale].long()
-    slot = torch.where(label == ignore_index, num_classes, label)
-    block = (torch.arange(h * scale, device=label.device) // scale)[:, None] * w \
-        + (torch.arange(w * scale, device=label.device) // scale)[None, :]
-    index = (torch.arange(B, device=label.device)[:, None, None] * (h * w) + block) * (num_classes + 1) + slot
-    index = index.flatten()
-    counts = torch.zeros(B * h * w * (num_classes + 1), dtype=torch.int64, device=label.device)
-    counts = counts.scatter_add_(0, index, torch.ones_like(index)).reshape(B, h, w, num_classes + 1)
-    top, cls = counts.max(dim=-1)  # first maximum wins ties, like torch.max on the averaged one-hot
-    cls = torch.where(cls == num_classes, ignore_index, cls)
-    cls = torch.where(top < min_ratio * scale * scale, ignore_index, cls)
-    return cls[:, None]
-
 
 def lr_at(iteration, cfg):
     """Encoder learning rate at `iteration` (the decoder's is optim.head_lr_mult times this):
@@ -156,283 +58,6 @@ def lr_at(iteration, cfg):
         k = (1 - iteration / o['warmup_iters']) * (1 - o['warmup_ratio'])
         lr = lr * (1 - k)
     return lr
-
-
-def feature_distance(student_feats, imnet_feats, label, classes, min_ratio, num_classes):
-    """Mean L2 distance between the last-stage features of the student and the frozen ImageNet
-    encoder over blocks whose (majority, >= min_ratio) source label is a thing class."""
-    fs, fi = student_feats[-1], imnet_feats[-1].detach()
-    scale = label.shape[-1] // fs.shape[-1]
-    small = downscale_label_ratio(label, scale, min_ratio, num_classes)[:, 0]  # [B,h,w]
-    small = small[:, :fs.shape[2], :fs.shape[3]]
-    mask = torch.isin(small, torch.as_tensor(classes, device=label.device))
-    dist = torch.linalg.vector_norm(fs.float() - fi.float(), dim=1)  # [B,h,w]
-    # Mean over the mask; an empty mask gives 0 (the original gets NaN, with no gradient either).
-    return (dist * mask).sum() / mask.sum().clamp(min=1)
-
-
-# --------------------------------------------------------------------------
-# Strong augmentation (DACS): colour jitter and Gaussian blur, as kornia 0.5 did them
-# --------------------------------------------------------------------------
-
-def _rgb_to_hsv(img, eps=1e-6):
-    maxc, max_idx = img.max(dim=1)
-    minc = img.min(dim=1).values
-    delta = maxc - minc
-    s = delta / (maxc + eps)
-    delta = torch.where(delta == 0, torch.ones_like(delta), delta)
-    rc, gc, bc = (maxc[:, None] - img).unbind(1)
-    h = torch.stack([bc - gc, 2.0 * delta + rc - bc, 4.0 * delta + gc - rc], dim=1)
-    h = torch.gather(h, 1, max_idx[:, None])[:, 0] / delta
-    h = (h / 6.0) % 1.0 * (2 * math.pi)
-    return torch.stack([h, s, maxc], dim=1)
-
-
-def _hsv_to_rgb(img):
-    h, s, v = img[:, 0] / (2 * math.pi), img[:, 1], img[:, 2]
-    hi = torch.floor(h * 6) % 6
-    f = (h * 6) % 6 - hi
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    hi = hi.long()
-    idx = torch.stack([hi, hi + 6, hi + 12], dim=1)
-    table = torch.stack((v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q), dim=1)
-    return torch.gather(table, 1, idx)
-
-
-def apply_color_jitter(img, order, brightness, contrast, saturation, hue):
-    """Jitter images in [0, 1] [B,3,H,W] with per-image factors [B,1,1,1], the four operations in
-    `order` (0 brightness: additive; 1 contrast: multiplicative; 2 saturation; 3 hue shift of
-    hue * 2 pi in HSV), each clamped to [0, 1], as kornia 0.5.8's ColorJitter (used by the original)."""
-    for op in order:
-        if op == 0:
-            img = (img + brightness).clamp(0, 1)
-        elif op == 1:
-            img = (img * contrast).clamp(0, 1)
-        elif op == 2:
-            h, s, v = _rgb_to_hsv(img).split(1, dim=1)
-            img = _hsv_to_rgb(torch.cat([h, (s * saturation).clamp(0, 1), v], dim=1))
-        else:
-            h, s, v = _rgb_to_hsv(img).split(1, dim=1)
-            img = _hsv_to_rgb(torch.cat([torch.fmod(h + hue * 2 * math.pi, 2 * math.pi), s, v], dim=1))
-    return img
-
-
-def color_jitter(img, strength):
-    """Random colour jitter of images in [0, 1]: factors drawn per image on the device, one random order."""
-    B, s = img.shape[0], strength
-
-    def factor(lo, hi):
-        return torch.rand(B, 1, 1, 1, device=img.device) * (hi - lo) + lo
-    return apply_color_jitter(img, torch.randperm(4).tolist(), factor(-s, s), factor(1 - s, 1 + s),
-                              factor(1 - s, 1 + s), factor(-s, s))
-
-
-def gaussian_blur(img, sigma):
-    """Separable Gaussian blur with a kernel of ~10% of the image (odd size), reflect padding."""
-    def size(n):
-        c = math.ceil(0.1 * n)
-        return int(math.floor(c - 0.5 + c % 2))
-    out = img
-    for dim, n in ((2, img.shape[2]), (3, img.shape[3])):
-        k = size(n)
-        x = torch.arange(k, device=img.device, dtype=img.dtype) - k // 2
-        g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-        g = (g / g.sum()).repeat(img.shape[1], 1)[:, None]  # [C,1,k]
-        if dim == 2:
-            out = F.conv2d(F.pad(out, (0, 0, k // 2, k // 2), mode='reflect'), g[..., None], groups=img.shape[1])
-        else:
-            out = F.conv2d(F.pad(out, (k // 2, k // 2, 0, 0), mode='reflect'), g[:, :, None], groups=img.shape[1])
-    return out
-
-
-def strong_augment(img, jitter, blur, strength, mean, std):
-    """DACS's strong augmentation of normalised images [B,3,H,W]: colour jitter (in [0,1] space)
-    if `jitter`, then Gaussian blur with sigma ~ U(0.15, 1.15) if `blur`."""
-    if jitter:
-        img = color_jitter((img * std + mean) / 255.0, strength) * 255.0
-        img = (img - mean) / std
-    if blur:
-        img = gaussian_blur(img, 0.15 + float(torch.rand(())))
-    return img
-
-
-# --------------------------------------------------------------------------
-# The iteration as a list of passes
-# --------------------------------------------------------------------------
-# A pass is one function (trainer, state) -> loss: it runs the models it needs, fills state.logs
-# (detached values) and state.debug, and returns the scalar to backpropagate (or None). The
-# iteration runs the method's passes in order and backpropagates each loss at once, so every
-# pass's graph is freed before the next; the gradients of all passes add up to one optimizer
-# step. Under DDP each trained module synchronises its gradients in the last pass (by position)
-# that runs it. A new method is one pass function and one METHODS entry.
-
-class Pass(NamedTuple):
-    run: Callable  # (trainer, state) -> loss tensor or None
-    trains: Tuple[str, ...] = ('student',)  # the trained modules whose gradients this pass produces
-
-
-class StepState(types.SimpleNamespace):
-    """What the passes of one iteration share: the batch, the iteration, the logs, the debug tensors
-    (None unless a debug grid is wanted) and what earlier passes produced (e.g. pseudo-labels)."""
-
-
-def source_pass(t, s):
-    """Supervised loss on the source crops, plus the ImageNet feature distance on thing classes."""
-    u = t.cfg.uda
-    out = t.forward('student', s.src, s.gt, return_feat=t.fd, return_logits=t.keep_source_logits)
-    loss = t.sum_losses(out, 'source', s.logs)
-    if t.keep_source_logits:  # for a later pass (the discriminator's), at the input's size
-        s.src_logits = mic_model.resize(out['logits'].detach(), s.src.shape[2:])
-    if t.fd:
-        with torch.no_grad(), t.autocast():
-            imnet_feats = t.imnet(t.student.fd_view(s.src))
-        fd = u.fd_lambda * feature_distance(out['features'], imnet_feats, s.gt, t.fd_classes, u.fd_min_ratio,
-                                            t.num_classes)
-        s.logs['source.loss_fd'] = fd.detach()
-        loss = loss + fd
-    return loss
-
-
-def mix_pass(t, s):
-    """DACS: the teacher's pseudo-labels of the target, ClassMix of source and target, strong
-    augmentation, and the student's loss on the mixed images."""
-    u = t.cfg.uda
-    s.plabel, s.pweight = t.pseudo_labels('teacher', s.tgt, s.valid, u.pseudo_threshold)
-    # the confidence share: the weight's value wherever the margins leave it alone
-    s.logs['pseudo_ratio'] = s.pweight.amax(dim=(1, 2)).mean()
-    s.logs.update(mic_report.pseudo_class_logs(s.plabel, s.valid, t.class_names))
-    masks = class_mix_masks(s.gt, t.num_classes)
-    mixed_img = mix(masks, s.src, s.tgt)
-    mixed_lbl = mix(masks, s.gt, s.plabel[:, None])
-    mixed_w = mix(masks[:, 0], torch.ones_like(s.pweight), s.pweight)
-    # whether to jitter / blur is decided once per iteration, the draws are per image
-    jitter, blur = augmentation_switches(u, blur=u.blur)
-    mixed_img = torch.cat([strong_augment(mixed_img[i:i + 1], jitter, blur, u.color_jitter_strength, t.mean, t.std)
-                           for i in range(s.B)])
-    out = t.forward('student', mixed_img, mixed_lbl, seg_weight=mixed_w, return_logits=s.debug is not None)
-    if s.debug is not None:
-        s.debug.update(pseudo_label=s.plabel, mixed=mixed_img, mixed_label=mixed_lbl, mix_pred=out['logits'].detach())
-    return t.sum_losses(out, 'mix', s.logs)
-
-
-def masked_pass(t, s):
-    """MIC: predict pseudo-labels (or source labels) from patch-masked images (uda.mask_mode)."""
-    u = t.cfg.uda
-    img, lbl, weight = mic_inputs(t, s)
-    if 'aug' in u.mask_mode:
-        jitter, blur = augmentation_switches(u, blur=True)
-        img = strong_augment(img, jitter, blur, u.color_jitter_strength, t.mean, t.std)
-    img = img * block_mask(s.B, s.H, s.W, u.mask_ratio, u.mask_block_size, device=img.device)
-    out = t.forward('student', img, lbl, seg_weight=weight, return_logits=s.debug is not None)
-    if s.debug is not None:
-        s.debug.update(masked=img, masked_pred=out['logits'].detach())
-    # MIC's weight scales the fused loss only, as in the original (mask_lambda = 1 by default)
-    return t.sum_losses(out, 'masked', s.logs, scale={'loss_seg': u.mask_lambda})
-
-
-def mic_inputs(t, s):
-    """Images, labels and weights of the masked pass for uda.mask_mode: the MIC teacher's
-    pseudo-labels if there is one, else those of the mix pass; source images in source-only training."""
-    mode, B = t.cfg.uda.mask_mode, s.B
-    plabel, pweight = s.plabel, s.pweight
-    if 'mic_teacher' in t.modules:
-        plabel, pweight = t.pseudo_labels('mic_teacher', s.tgt, s.valid, t.mic_threshold)
-    if plabel is None or mode in ('separatesrc', 'separatesrcaug'):
-        return s.src, s.gt, None
-    if mode in ('separatetrg', 'separatetrgaug'):
-        return s.tgt, plabel[:, None], pweight
-    # 'separate' / 'separateaug': half source (labels, weight 1), half target (pseudo-labels)
-    h = B // 2
-    img = torch.cat([s.src[:h], s.tgt[:B - h]])
-    lbl = torch.cat([s.gt[:h], plabel[:B - h, None]])
-    weight = torch.cat([torch.ones_like(pweight[:h]), pweight[:B - h]])
-    return img, lbl, weight
-
-
-def target_logits(t, s):
-    """The student's logits of the target crops at their full size [B,K,H,W] (with gradients)."""
-    with t.autocast():
-        return t.wrapped['student'](s.tgt)
-
-
-def adversarial_pass(t, s):
-    """AdvSeg, segmentor side: the discriminator (frozen here) should take the student's target
-    predictions for source predictions; loss x uda.advseg.lambda_adv."""
-    a = t.cfg.uda.advseg
-    d = t.modules['discriminator']
-    d.requires_grad_(False)  # this loss trains the segmentor only
-    s.tgt_logits = target_logits(t, s)
-    out = d(torch.softmax(s.tgt_logits.float(), dim=1))
-    loss = a.lambda_adv * discriminator_loss(out, SOURCE_DOMAIN, a.loss)
-    s.logs['adversarial.loss_adv'] = loss.detach()
-    return loss
-
-
-def discriminator_pass(t, s):
-    """AdvSeg, discriminator side: tell the (detached) source predictions from the target ones."""
-    a = t.cfg.uda.advseg
-    t.modules['discriminator'].requires_grad_(True)
-    probs = torch.softmax(torch.cat([s.src_logits, s.tgt_logits.detach()]).float(), dim=1)
-    with t.autocast():
-        out = t.wrapped['discriminator'](probs)  # one forward over both halves (one DDP forward)
-    src_out, tgt_out = out.float().split(s.src_logits.shape[0])
-    loss_src = discriminator_loss(src_out, SOURCE_DOMAIN, a.loss) / 2
-    loss_tgt = discriminator_loss(tgt_out, TARGET_DOMAIN, a.loss) / 2
-    s.logs['discriminator.loss_src'], s.logs['discriminator.loss_tgt'] = loss_src.detach(), loss_tgt.detach()
-    return loss_src + loss_tgt
-
-
-SOURCE_DOMAIN, TARGET_DOMAIN = 0.0, 1.0  # the discriminator's labels
-
-
-def discriminator_loss(logits, domain, kind):
-    """'ls': least squares (MSE to the domain label); 'vanilla': binary cross-entropy with logits."""
-    target = torch.full_like(logits, domain)
-    if kind == 'ls':
-        return F.mse_loss(logits, target)
-    return F.binary_cross_entropy_with_logits(logits, target)
-
-
-def entropy_pass(t, s):
-    """MinEnt: the mean normalised entropy of the student's target predictions x uda.minent.lambda_ent."""
-    prob = torch.softmax(target_logits(t, s).float(), dim=1)
-    loss = t.cfg.uda.minent.lambda_ent * normalised_entropy(prob)
-    s.logs['entropy.loss_ent'] = loss.detach()
-    return loss
-
-
-def normalised_entropy(prob):
-    """Mean over pixels of -sum_k p log2 p / log2 K, for probabilities [B,K,H,W] (1 = uniform)."""
-    B, K, H, W = prob.shape
-    return -(prob * torch.log2(prob + 1e-30)).sum() / (B * H * W * math.log2(K))
-
-
-def augmentation_switches(u, blur):
-    """DACS's per-iteration decisions: (colour jitter?, Gaussian blur?)."""
-    jitter = float(torch.rand(())) > u.color_jitter_probability
-    return jitter, blur and float(torch.rand(())) > 0.5
-
-
-METHODS = {  # uda.mode -> its passes; 'masked' (MIC) runs only when uda.mask_mode is set
-    'source_only': ('source', 'masked'),
-    'dacs': ('source', 'mix', 'masked'),
-    'advseg': ('source', 'adversarial', 'masked', 'discriminator'),
-    'minent': ('source', 'entropy', 'masked'),
-}
-PASSES = {
-    'source': Pass(source_pass),
-    'mix': Pass(mix_pass),
-    'masked': Pass(masked_pass),
-    'adversarial': Pass(adversarial_pass),
-    'entropy': Pass(entropy_pass),
-    'discriminator': Pass(discriminator_pass, trains=('discriminator',)),
-}
-
-
-def method_passes(cfg):
-    """[(name, Pass)] of the configured method, in order."""
-    names = [n for n in METHODS[cfg.uda.mode] if n != 'masked' or cfg.uda.mask_mode is not None]
-    return [(n, PASSES[n]) for n in names]
 
 
 # --------------------------------------------------------------------------
@@ -470,67 +95,41 @@ def build_optimizer(model, cfg):
 
 class Trainer:
     """The stateful modules of a method (student, EMA teacher(s), ...) and their optimizers;
-    `step` runs one iteration.
+    `step` runs one iteration. It builds what the method's entry in mic_uda.METHODS declares.
 
     modules: name -> nn.Module, everything checkpointing and resume save and restore.
     optimizers: name -> optimizer of the trained modules (a subset of modules); under DDP those
         modules run wrapped (self.wrapped) and synchronise in the last pass that trains them.
     ema: teacher name -> momentum; teachers follow the student before every iteration.
-    The frozen ImageNet encoder (self.imnet) is not saved: it always holds the pretrained file.
+    frozen: name -> frozen module made from a file (the ImageNet encoder), not saved.
     """
 
     def __init__(self, cfg, device, rank=0, world=1, load_pretrained=True, random_init=False):
         """load_pretrained: initialise the student's encoder from model.pretrained (not on resume).
-        random_init: no weights from files at all (--benchmark): the frozen ImageNet encoder too."""
+        random_init: no weights from files at all (--benchmark): the frozen modules too."""
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
-        u = cfg.uda
-        self.passes = method_passes(cfg)
-        names = [n for n, _ in self.passes]
-        self.fd = u.fd_lambda > 0
-        if self.fd and not cfg.model.pretrained:
-            raise ConfigError('uda.fd_lambda > 0 compares features with the ImageNet encoder, which needs '
-                              'model.pretrained; set uda.fd_lambda=0 to train without the feature distance')
-        if u.mode in ('advseg', 'minent') and cfg.model.type == 'hrda':
-            raise ConfigError(f'uda.mode={u.mode} is implemented for single-scale models (as Table 1 runs it): '
-                              'set model.type=encoder_decoder')
+        method = mic_uda.METHODS[cfg.uda.mode]
+        self.passes = mic_uda.method_passes(cfg)
         student = mic_model.build_model(cfg.model, load_pretrained=load_pretrained and not random_init)
         self.modules = {'student': student.to(device)}
         self.num_classes = cfg.model.num_classes
         self.class_names = mic_data.class_table(cfg.data, self.num_classes).names
-        self.ema = {}
-        if 'mix' in names:
-            self.modules['teacher'] = self._frozen_copy()
-            self.ema['teacher'] = u.alpha
-        separate = u.mask_alpha != 'same' or u.mask_pseudo_threshold != 'same'
-        # MIC's own EMA teacher: when asked for, and for methods without a teacher (AdvSeg, MinEnt)
-        if 'masked' in names and u.mode != 'source_only' and ('teacher' not in self.ema or separate):
-            self.modules['mic_teacher'] = self._frozen_copy()
-            self.ema['mic_teacher'] = u.alpha if u.mask_alpha == 'same' else u.mask_alpha
-        self.mic_threshold = u.pseudo_threshold if u.mask_pseudo_threshold == 'same' else u.mask_pseudo_threshold
-        self.imnet = None
-        if self.fd:  # the frozen ImageNet encoder: always the pretrained file's weights (also on resume)
-            self.imnet = copy.deepcopy(student.backbone)  # the architecture (a copy draws no random numbers)
-            if not random_init:
-                mic_model.load_pretrained_encoder(self.imnet, cfg.model.pretrained)
-            self.imnet.to(device).eval()
-            for p in self.imnet.parameters():
-                p.requires_grad_(False)
+        self.ema, self.frozen = {}, {}
+        for name, teacher in method.teachers.items():
+            if not teacher.when(cfg):
+                continue
+            if teacher.momentum is not None:
+                self.modules[name] = self._frozen_copy()
+                self.ema[name] = teacher.momentum(cfg)
+            else:
+                self.frozen[name] = teacher.build(student, cfg, not random_init).to(device)
         if cfg.train.compile:
             student.backbone.compile()
         self.optimizers = {'student': build_optimizer(student, cfg)}
         self.lr_schedules = {'student': lambda it: lr_at(it, cfg)}
-        if 'discriminator' in names:
-            a = u.advseg
-            self.modules['discriminator'] = mic_model.FCDiscriminator(self.num_classes).to(device)
-            self.optimizers['discriminator'] = torch.optim.Adam(self.modules['discriminator'].parameters(), lr=a.lr,
-                                                                betas=(0.9, 0.99))
-            self.lr_schedules['discriminator'] = \
-                lambda it: (a.lr - a.min_lr) * (1 - it / cfg.train.max_iters) ** a.power + a.min_lr
-            # As in the original, whose segmentor optimizer is built over all of its modules: the
-            # segmentor's optimizer steps the discriminator too (after its gradients), before the Adam step.
-            self.optimizers['student'].add_param_group(dict(params=list(self.modules['discriminator'].parameters()),
-                                                            lr_mult=1.0, weight_decay=cfg.optim.weight_decay))
-        self.keep_source_logits = 'discriminator' in names
+        for name, extra in method.modules.items():
+            self._add_trained_module(name, extra)
+        self.keep_source_logits = any(p.reads_source_logits for _, p in self.passes)
         self.wrapped = {name: self.modules[name] for name in self.optimizers}
         if world > 1:
             ids = [device.index] if device.type == 'cuda' else None
@@ -542,10 +141,25 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == 'fp16')
         # constants made on the device once: a host->device copy inside the step would wait for the GPU
-        self.fd_classes = torch.tensor(u.fd_classes, device=device)
+        self.fd_classes = torch.tensor(cfg.uda.fd_classes, device=device)
         self.mean = torch.tensor(mic_data.IMG_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(mic_data.IMG_STD, device=device).view(1, 3, 1, 1)
         self.debug = None  # tensors of the last iteration, kept only when asked for (debug images)
+
+    def _add_trained_module(self, name, extra):
+        """A method's extra trained module (mic_uda.Module), its optimizer and learning-rate schedule."""
+        cfg = self.cfg
+        module = self.modules[name] = extra.build(cfg).to(self.device)
+        self.optimizers[name] = extra.optimizer(module, cfg)
+        self.lr_schedules[name] = lambda it: extra.lr(it, cfg)
+        if extra.in_student_optimizer:
+            self.optimizers['student'].add_param_group(dict(params=list(module.parameters()), lr_mult=1.0,
+                                                            weight_decay=cfg.optim.weight_decay))
+
+    @property
+    def imnet(self):
+        """The frozen ImageNet encoder of the feature distance (None when uda.fd_lambda is 0)."""
+        return self.frozen.get('imnet')
 
     @property
     def student(self):
@@ -575,7 +189,7 @@ class Trainer:
         u = self.cfg.uda
         with torch.no_grad(), self.autocast():
             logits = self.modules[teacher].encode_decode(img)
-        return pseudo_label_and_weight(logits, threshold, valid, u.pseudo_weight_ignore_top,
+        return mic_uda.pseudo_label_and_weight(logits, threshold, valid, u.pseudo_weight_ignore_top,
                                        u.pseudo_weight_ignore_bottom)
 
     def sum_losses(self, out, prefix, logs, scale=None):
@@ -610,13 +224,13 @@ class Trainer:
     def step(self, batch, iteration, keep_debug=False):
         """One training iteration. Returns a dict of detached scalar tensors (losses, lr, pseudo ratio)."""
         src, tgt = batch['img'], batch['target_img']
-        s = StepState(src=src, gt=batch['gt'].long(), tgt=tgt, valid=batch['valid_pseudo_mask'],
+        s = mic_uda.StepState(src=src, gt=batch['gt'].long(), tgt=tgt, valid=batch['valid_pseudo_mask'],
                       iteration=iteration, logs={}, B=src.shape[0], H=src.shape[2], W=src.shape[3],
                       plabel=None, pweight=None, src_logits=None, tgt_logits=None,
                       debug={'source': src, 'source_gt': batch['gt'], 'target': tgt} if keep_debug else None)
         # teachers follow the student (before this iteration's update)
         for name, momentum in self.ema.items():
-            ema_update(self.modules[name], self.student, iteration, momentum)
+            mic_uda.ema_update(self.modules[name], self.student, iteration, momentum)
         s.logs['lr'] = torch.tensor(self.set_lr(iteration))
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
@@ -754,56 +368,9 @@ def memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (Linux: KiB)
 
 
-def save_debug_grid(debug, path, mean, std, max_width=1536, palette=None):
-    """One row per sample, titled columns: source image and label, target image, pseudo-label, mixed
-    image and label, the student's prediction on it, masked image, the prediction on that. Labels in
-    `palette` (the colours of data.classes; default Cityscapes')."""
-    from PIL import Image, ImageDraw
-
-    def image(x):
-        return ((x.float() * std[0] + mean[0]).clamp(0, 255)).byte().permute(1, 2, 0).cpu().numpy()
-
-    def label(x):
-        return mic_data.colorize(x.reshape(x.shape[-2:]).cpu().numpy().astype(np.uint8), palette)
-
-    def pred(logits, size):
-        return label(F.interpolate(logits[None].float(), size=size)[0].argmax(0))
-    B, size = debug['source'].shape[0], tuple(debug['source'].shape[2:])
-    columns = [('source', lambda i: image(debug['source'][i])), ('src label', lambda i: label(debug['source_gt'][i])),
-               ('target', lambda i: image(debug['target'][i]))]
-    if 'pseudo_label' in debug:
-        columns += [('pseudo', lambda i: label(debug['pseudo_label'][i])),
-                    ('mixed', lambda i: image(debug['mixed'][i])),
-                    ('mix label', lambda i: label(debug['mixed_label'][i])),
-                    ('mix pred', lambda i: pred(debug['mix_pred'][i], size))]
-    if 'masked' in debug:
-        columns += [('masked', lambda i: image(debug['masked'][i])),
-                    ('mask pred', lambda i: pred(debug['masked_pred'][i], size))]
-    rows = np.concatenate([np.concatenate([fn(i) for _, fn in columns], axis=1) for i in range(B)], axis=0)
-    header = Image.new('RGB', (rows.shape[1], 14), 'white')
-    draw = ImageDraw.Draw(header)
-    for j, (title, _) in enumerate(columns):
-        draw.text((j * size[1] + 2, 1), title, fill='black')
-    grid = Image.new('RGB', (rows.shape[1], rows.shape[0] + 14))
-    grid.paste(header, (0, 0))
-    grid.paste(Image.fromarray(rows), (0, 14))
-    if grid.width > max_width:
-        grid = grid.resize((max_width, round(grid.height * max_width / grid.width)), Image.BILINEAR)
-    mic_data.save_png(path, np.asarray(grid))
-
-
 # --------------------------------------------------------------------------
 # Main loop
 # --------------------------------------------------------------------------
-
-def train(cfg, resume=None, command=''):
-    rank, world, device = setup_distributed(cfg.train.device)
-    try:
-        return _train(cfg, resume, command, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def set_determinism(deterministic):
     """train.deterministic: deterministic algorithms and no cuDNN autotuning, so that two runs of
@@ -852,7 +419,7 @@ class RunLog:
             return
         path = os.path.join(self.work_dir, 'debug', f'{iteration:06d}.png')
         mic_runtime.make_dirs(os.path.dirname(path))
-        save_debug_grid(trainer.debug, path, trainer.mean, trainer.std, palette=self.palette)
+        mic_report.save_debug_grid(trainer.debug, path, trainer.mean, trainer.std, palette=self.palette)
         if self.tb is not None:
             self.tb.add_image('debug', path, iteration)
 
@@ -866,6 +433,12 @@ class RunLog:
             self.report_note = str(e)
             self.progress.write(f'note: no report.png: {e}')
 
+    def eval_record(self, iteration, metrics, best):
+        self.write({'iteration': iteration, 'eval': {k: v for k, v in metrics.items() if k != 'IoU'},
+                    'IoU': metrics.get('IoU'), 'best_mIoU': best})
+        self.message(f'iteration {iteration}: target mIoU {metrics["mIoU"]:.2f} (best {best:.2f})')
+        self.report()
+
     def message(self, text):
         if self.enabled:
             self.progress.write(text)
@@ -876,30 +449,54 @@ class RunLog:
             self.tb.close()
 
 
-def _train(cfg, resume, command, rank, world, device):
+def train(cfg, resume=None, command=''):
+    """Train cfg in train.work_dir (resume: 'auto' for its latest.pth, or a checkpoint path) and
+    evaluate on data.val; returns the final metrics."""
+    rank, world, device = setup_distributed(cfg.train.device)
+    try:
+        set_determinism(cfg.train.deterministic)
+        ckpt_path, finished = resolve_resume(cfg, resume)
+        if finished is not None:
+            return finished
+        prepare_work_dir(cfg)
+        return Run(cfg, ckpt_path, command, rank, world, device).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_resume(cfg, resume):
+    """(checkpoint to continue from or None, metrics of this config's finished run or None).
+
+    A folder that holds this very config's finished run is not trained again: its metrics.json is
+    reported, or, when the final evaluation did not write one, the run is resumed to evaluate it."""
     work_dir = cfg.train.work_dir
-    set_determinism(cfg.train.deterministic)
+    latest = os.path.join(work_dir, 'latest.pth')
     ckpt_path = None
     if resume:
-        ckpt_path = os.path.join(work_dir, 'latest.pth') if resume == 'auto' else resume
+        ckpt_path = latest if resume == 'auto' else resume
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f'--resume: checkpoint {ckpt_path} does not exist')
-    if check_work_dir(cfg, resume):
-        path = os.path.join(work_dir, 'metrics.json')
-        if os.path.exists(path):
-            print0(f'{work_dir} already holds this config\'s finished run; its results: {path}. '
-                   'Delete the folder or set train.work_dir to train again.')
-            with open(path) as f:
-                metrics = json.load(f)
-            if metrics.get('mIoU') is not None:  # (a data.val without labels gives predictions only)
-                print0(f'target mIoU: {metrics["mIoU"]:.2f}')
-            return metrics
-        # trained to the end, but stopped before the final evaluation wrote metrics.json
+    if not check_work_dir(cfg, resume):
+        return ckpt_path, None
+    path = os.path.join(work_dir, 'metrics.json')
+    if not os.path.exists(path):  # trained to the end, but stopped before the final evaluation
         print0(f'{work_dir} holds this config\'s fully trained run without metrics.json; evaluating it')
-        resume = 'auto'
-        ckpt_path = os.path.join(work_dir, 'latest.pth')
+        return latest, None
+    print0(f'{work_dir} already holds this config\'s finished run; its results: {path}. '
+           'Delete the folder or set train.work_dir to train again.')
+    with open(path) as f:
+        metrics = json.load(f)
+    if metrics.get('mIoU') is not None:  # (a data.val without labels gives predictions only)
+        print0(f'target mIoU: {metrics["mIoU"]:.2f}')
+    return None, metrics
+
+
+def prepare_work_dir(cfg):
+    """Rank 0 removes what a killed checkpoint write left behind and generates the demo data."""
+    work_dir = cfg.train.work_dir
     if is_main():
-        removed = mic_runtime.remove_temp_files(work_dir)  # a checkpoint write that was killed midway
+        removed = mic_runtime.remove_temp_files(work_dir)
         if removed:
             print0(f'removed {len(removed)} temporary file(s) of an interrupted write from {work_dir}')
         if cfg.data.demo.enabled:
@@ -907,122 +504,175 @@ def _train(cfg, resume, command, rank, world, device):
     if dist.is_initialized():
         dist.barrier()
 
-    # Everything that can fail on bad input (model, weights, data) comes before the first file is
-    # written to the run folder, so that a failed start leaves no half-made run behind.
-    seed_everything(cfg.train.seed + rank)
-    trainer = Trainer(cfg, device, rank, world, load_pretrained=not resume)
-    start = 0
-    ckpt = None
-    if ckpt_path:
-        ckpt = mic_model.read_checkpoint(ckpt_path)
-        old = architecture(ckpt['config']['model'])
-        if old != architecture(cfg.model):
-            raise ConfigError(f'refusing to resume {ckpt_path}: it was trained with model {old}, '
-                              f'the config asks for {architecture(cfg.model)}')
-        trainer.load_state_dict(ckpt)
-        start = ckpt['iteration']
-    max_iters = cfg.train.max_iters
-    loader = mic_data.build_train_loader(cfg.data, cfg.train.seed, rank=rank, start_iter=start) \
-        if start < max_iters else None
 
-    best = ckpt['meta'].get('best_mIoU') if ckpt else None
-    classes = mic_data.class_table(cfg.data, cfg.model.num_classes)  # names and colours of data.classes
-    if is_main():
-        mic_runtime.make_dirs(work_dir)
-        mic_runtime.check_writable(work_dir)
-        atomic_write_text(os.path.join(work_dir, 'config.yaml'), dump_yaml(cfg))
-        append_command(os.path.join(work_dir, 'command.txt'), command, world)
-    if ckpt_path:
-        print0(f'resumed {ckpt_path} at iteration {start}')
-    run_log = RunLog(cfg, start, enabled=is_main(), palette=classes.palette)
-    nonfinite = NonFiniteWatch(device)
+class Run:
+    """One training run in train.work_dir: the trainer, the data, the log and the best mIoU so far.
+    `train` is the loop; `log_train`, `evaluate` and `save` are what it does at its intervals."""
 
-    def save(iteration):
-        nonfinite.check_before_checkpoint(trainer, iteration)
-        states = gather_rng_states()
+    def __init__(self, cfg, ckpt_path, command, rank, world, device):
+        self.cfg, self.command, self.world, self.device = cfg, command, world, device
+        self.work_dir, self.max_iters = cfg.train.work_dir, cfg.train.max_iters
+        # Everything that can fail on bad input (model, weights, data) comes before the first file is
+        # written to the run folder, so that a failed start leaves no half-made run behind.
+        seed_everything(cfg.train.seed + rank)
+        self.trainer = Trainer(cfg, device, rank, world, load_pretrained=not ckpt_path)
+        self.ckpt = self.load_checkpoint(ckpt_path) if ckpt_path else None
+        self.start = self.ckpt['iteration'] if self.ckpt else 0
+        self.loader = mic_data.build_train_loader(cfg.data, cfg.train.seed, rank=rank, start_iter=self.start) \
+            if self.start < self.max_iters else None
+        self.best = self.ckpt['meta'].get('best_mIoU') if self.ckpt else None
+        self.classes = mic_data.class_table(cfg.data, cfg.model.num_classes)  # names and colours of data.classes
         if is_main():
-            checkpoint = {**trainer.state_dict(), 'iteration': iteration, 'rng': states,
-                          'sampler': {'next_index': iteration * cfg.data.batch_size}, 'config': stored(cfg),
-                          'meta': {'command': command, 'git_commit': git_commit(), 'best_mIoU': best,
-                                   'time': datetime.datetime.now().isoformat(timespec='seconds'),
-                                   'torch': str(torch.__version__), 'world_size': world}}
-            mic_runtime.atomic_write(os.path.join(work_dir, 'latest.pth'), lambda f: torch.save(checkpoint, f))
+            self.write_run_files()
+        if ckpt_path:
+            print0(f'resumed {ckpt_path} at iteration {self.start}')
+        self.log = RunLog(cfg, self.start, enabled=is_main(), palette=self.classes.palette)
+        self.nonfinite = NonFiniteWatch(device)
+        self.meter = IntervalMeter(device)
 
-    def evaluate(iteration, pred_dir=None):
-        nonlocal best
+    def load_checkpoint(self, path):
+        ckpt = mic_model.read_checkpoint(path)
+        old, new = architecture(ckpt['config']['model']), architecture(self.cfg.model)
+        if old != new:
+            raise ConfigError(f'refusing to resume {path}: it was trained with model {old}, the config asks for {new}')
+        self.trainer.load_state_dict(ckpt)
+        return ckpt
+
+    def write_run_files(self):
+        mic_runtime.make_dirs(self.work_dir)
+        mic_runtime.check_writable(self.work_dir)
+        atomic_write_text(os.path.join(self.work_dir, 'config.yaml'), dump_yaml(self.cfg))
+        append_command(os.path.join(self.work_dir, 'command.txt'), self.command, self.world)
+
+    def train(self):
+        """The iterations from the checkpoint's on (if any are left), then the final evaluation."""
+        t, it = self.cfg.train, self.start
+        try:
+            if self.loader is not None:
+                batches = self.batches()
+                for it in range(self.start, self.max_iters):
+                    self.iteration(next(batches), it)
+                    done = it + 1
+                    if done % t.log_interval == 0 or done == self.max_iters:
+                        self.log_train(done)
+                    if t.eval_interval and done % t.eval_interval == 0 and done < self.max_iters:
+                        self.evaluate(done)
+                    if (t.ckpt_interval and done % t.ckpt_interval == 0) or done == self.max_iters:
+                        self.save(done)
+                it = self.max_iters
+            else:
+                print0(f'{self.work_dir} already trained to iteration {self.max_iters}; evaluating')
+            pred_dir = os.path.join(self.work_dir, 'preds') if is_main() else None
+            metrics = self.evaluate(self.max_iters, pred_dir=pred_dir)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(it, self.work_dir) from None
+        finally:
+            self.log.close()
+        self.finish(metrics)
+        return metrics
+
+    def batches(self):
+        """The loader's iterator, with the checkpoint's RNG state restored after it is made (the
+        loader draws its worker seed from the global RNG)."""
+        batches = iter(self.loader)
+        if self.ckpt is not None:
+            states = self.ckpt['rng']
+            set_rng_state(states[self.trainer.rank] if self.trainer.rank < len(states) else states[0])
+        self.ckpt = None  # free its tensors
+        self.meter.reset()
+        return batches
+
+    def iteration(self, batch, it):
+        t0 = time.time()
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        self.meter.data_time += time.time() - t0
+        keep_debug = self.cfg.train.debug_img_interval > 0 and it % self.cfg.train.debug_img_interval == 0
+        logs = self.trainer.step(batch, it, keep_debug=keep_debug)
+        self.nonfinite.update(it, logs)  # on the device: no host synchronisation per iteration
+        self.meter.add(logs)
+        if keep_debug:
+            self.log.debug_grid(self.trainer, it)
+        self.trainer.debug = None
+        self.log.progress.update()
+
+    def log_train(self, iteration):
+        self.nonfinite.check()
+        self.log.train_record(self.meter.record(iteration), self.trainer.optimizers)
+
+    def evaluate(self, iteration, pred_dir=None):
+        """Target metrics on data.val (None before the end when it has no labels: only the final
+        predictions are written then); logged with the best mIoU so far."""
+        cfg = self.cfg
         labelled = mic_data.has_labels(cfg.data.val)
-        if not labelled and iteration < max_iters:
-            return None  # without labels data.val only gets the final predictions
-        metrics = mic_eval.evaluate(trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
-                                    device=device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
+        if not labelled and iteration < self.max_iters:
+            return None
+        metrics = mic_eval.evaluate(self.trainer.student, cfg.data.val, num_classes=cfg.model.num_classes,
+                                    device=self.device, amp=cfg.train.amp, pred_dir=pred_dir, progress=False,
                                     synthia16=cfg.data.source.type == 'synthia',
-                                    num_workers=cfg.data.num_workers, classes=classes)
+                                    num_workers=cfg.data.num_workers, classes=self.classes)
         if 'mIoU' not in metrics and not labelled:
             print0(f'data.val ({cfg.data.val.root}) has no labels: cannot compute mIoU, predictions only')
             return {'mIoU': None, **metrics}
         if 'mIoU' not in metrics:
             raise mic_data.DataError(f'data.val ({cfg.data.val.root}, split {cfg.data.val.split}) is not fully '
                                      'labelled: training evaluates on a labelled split; point data.val at one')
-        if best is None or metrics['mIoU'] > best:
-            best = metrics['mIoU']
-        run_log.write({'iteration': iteration, 'eval': {k: v for k, v in metrics.items() if k != 'IoU'},
-                       'IoU': metrics.get('IoU'), 'best_mIoU': best})
-        run_log.message(f'iteration {iteration}: target mIoU {metrics["mIoU"]:.2f} (best {best:.2f})')
-        run_log.report()
+        if self.best is None or metrics['mIoU'] > self.best:
+            self.best = metrics['mIoU']
+        self.log.eval_record(iteration, metrics, self.best)
         return metrics
 
-    it = start
-    try:
-        if loader is not None:
-            batches = iter(loader)
-            if ckpt is not None:  # after the loader is made: it draws its worker seed from the global RNG
-                set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
-            del ckpt
-            acc, acc_n, t_last, data_time = {}, 0, time.time(), 0.0
-            for it in range(start, max_iters):
-                t0 = time.time()
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-                data_time += time.time() - t0
-                keep_debug = cfg.train.debug_img_interval > 0 and it % cfg.train.debug_img_interval == 0
-                logs = trainer.step(batch, it, keep_debug=keep_debug)
-                nonfinite.update(it, logs)  # on the device: no host synchronisation per iteration
-                for k, v in logs.items():
-                    acc[k] = acc.get(k, 0) + v.detach().float()
-                acc_n += 1
-                if keep_debug:
-                    run_log.debug_grid(trainer, it)
-                trainer.debug = None
-                run_log.progress.update()
-                done = it + 1
-                if done % cfg.train.log_interval == 0 or done == max_iters:
-                    nonfinite.check()
-                    dt = (time.time() - t_last) / acc_n
-                    record = {'iteration': done, **{k: round(float(v) / acc_n, 6) for k, v in acc.items()},
-                              'time_per_iter': round(dt, 4), 'data_time': round(data_time / acc_n, 4),
-                              'memory_mb': round(memory_mb(device))}
-                    run_log.train_record(record, trainer.optimizers)
-                    acc, acc_n, t_last, data_time = {}, 0, time.time(), 0.0
-                if cfg.train.eval_interval and done % cfg.train.eval_interval == 0 and done < max_iters:
-                    evaluate(done)
-                if (cfg.train.ckpt_interval and done % cfg.train.ckpt_interval == 0) or done == max_iters:
-                    save(done)
-            it = max_iters
-        else:
-            print0(f'{work_dir} already trained to iteration {max_iters}; evaluating')
-        metrics = evaluate(max_iters, pred_dir=os.path.join(work_dir, 'preds') if is_main() else None)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(it, work_dir) from None
-    finally:
-        run_log.close()
-    if is_main():
-        final = {**metrics, 'checkpoint': os.path.join(work_dir, 'latest.pth')}
-        mic_runtime.save_json(os.path.join(work_dir, 'metrics.json'), final)
+    def save(self, iteration):
+        """latest.pth, written by rank 0 with every rank's RNG state, once the state is checked finite."""
+        self.nonfinite.check_before_checkpoint(self.trainer, iteration)
+        states = gather_rng_states()
+        if not is_main():
+            return
+        cfg = self.cfg
+        checkpoint = {**self.trainer.state_dict(), 'iteration': iteration, 'rng': states,
+                      'sampler': {'next_index': iteration * cfg.data.batch_size}, 'config': stored(cfg),
+                      'meta': {'command': self.command, 'git_commit': git_commit(), 'best_mIoU': self.best,
+                               'time': datetime.datetime.now().isoformat(timespec='seconds'),
+                               'torch': str(torch.__version__), 'world_size': self.world}}
+        mic_runtime.atomic_write(os.path.join(self.work_dir, 'latest.pth'), lambda f: torch.save(checkpoint, f))
+
+    def finish(self, metrics):
+        """metrics.json and the closing line (rank 0)."""
+        if not is_main():
+            return
+        work_dir, n = self.work_dir, self.max_iters
+        mic_runtime.save_json(os.path.join(work_dir, 'metrics.json'),
+                              {**metrics, 'checkpoint': os.path.join(work_dir, 'latest.pth')})
         if metrics['mIoU'] is None:
-            print0(f'trained {max_iters} iterations; no mIoU without labels: predictions in {work_dir}/preds')
+            print0(f'trained {n} iterations; no mIoU without labels: predictions in {work_dir}/preds')
         else:
-            print0(f'target mIoU after {max_iters} iterations: {metrics["mIoU"]:.2f} '
+            print0(f'target mIoU after {n} iterations: {metrics["mIoU"]:.2f} '
                    f'(per class: {work_dir}/metrics.json, predictions: {work_dir}/preds)')
-    return metrics
+
+
+class IntervalMeter:
+    """The step's logs summed on the device over one log interval, with the time per iteration and
+    the time spent waiting for data."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.sums, self.n, self.t0, self.data_time = {}, 0, time.time(), 0.0
+
+    def add(self, logs):
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        self.n += 1
+
+    def record(self, iteration):
+        """The log.jsonl record of the interval ending at `iteration` (means), then a new interval."""
+        n = self.n
+        record = {'iteration': iteration, **{k: round(float(v) / n, 6) for k, v in self.sums.items()},
+                  'time_per_iter': round((time.time() - self.t0) / n, 4), 'data_time': round(self.data_time / n, 4),
+                  'memory_mb': round(memory_mb(self.device))}
+        self.reset()
+        return record
 
 
 class TrainingInterrupted(Exception):

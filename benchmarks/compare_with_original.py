@@ -290,6 +290,7 @@ def compare_training_helpers():
     from mmseg.models.utils.masking_transforms import BlockMaskGenerator
     from mmseg.utils.utils import downscale_label_ratio
     import mic_train
+    import mic_uda
     from mic_config import load_config
 
     torch.manual_seed(0)
@@ -297,17 +298,17 @@ def compare_training_helpers():
     gt[:, :, :64] = 3
     gt[:, :, 100:140, :70] = 255
     for s in (2, 8, 64):
-        report(f'label downscaling x{s} (majority, min ratio 0.75)', mic_train.downscale_label_ratio(gt, s, 0.75, 19),
+        report(f'label downscaling x{s} (majority, min ratio 0.75)', mic_uda.downscale_label_ratio(gt, s, 0.75, 19),
                downscale_label_ratio(gt, s, 0.75, 19, 255))
     for H, W, b in ((1024, 1024, 64), (100, 130, 32), (96, 160, 64)):
         torch.manual_seed(1)
         ref = BlockMaskGenerator(0.7, b).generate_mask(torch.zeros(2, 3, H, W))
         torch.manual_seed(1)
-        report(f'MIC block mask {H}x{W}, block {b} (same seed)', mic_train.block_mask(2, H, W, 0.7, b), ref)
+        report(f'MIC block mask {H}x{W}, block {b} (same seed)', mic_uda.block_mask(2, H, W, 0.7, b), ref)
     logits = torch.randn(2, 19, 64, 64) * 4
     prob, _ = torch.softmax(logits, 1).max(1)
     report('pseudo-label weight (confident share of the batch)',
-           mic_train.pseudo_label_and_weight(logits, 0.968)[1][0, 0, 0], (prob >= 0.968).sum() / prob.numel())
+           mic_uda.pseudo_label_and_weight(logits, 0.968)[1][0, 0, 0], (prob >= 0.968).sum() / prob.numel())
 
     cfg = load_config()
     opt = torch.optim.AdamW([{'params': [nn.Parameter(torch.zeros(1))], 'lr': 6e-5},
@@ -330,14 +331,14 @@ def compare_training_helpers():
     for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
         params = dict(brightness_factor=1 + b.flatten(), contrast_factor=c.flatten(), saturation_factor=s.flatten(),
                       hue_factor=h.flatten(), order=torch.tensor(order))
-        report(f'colour jitter, order {order} (kornia 0.5.8)', mic_train.apply_color_jitter(img, order, b, c, s, h),
+        report(f'colour jitter, order {order} (kornia 0.5.8)', mic_uda.apply_color_jitter(img, order, b, c, s, h),
                kornia.augmentation.ColorJitter(0.2, 0.2, 0.2, 0.2).apply_transform(img, params))
     for H, W, sigma in ((40, 60, 0.7), (1024, 1024, 0.3)):
         x = torch.randn(1, 3, H, W)
 
         def size(n):
             return int(math.floor(math.ceil(0.1 * n) - 0.5 + math.ceil(0.1 * n) % 2))
-        report(f'Gaussian blur {H}x{W}, sigma {sigma} (kornia 0.5.8)', mic_train.gaussian_blur(x, sigma),
+        report(f'Gaussian blur {H}x{W}, sigma {sigma} (kornia 0.5.8)', mic_uda.gaussian_blur(x, sigma),
                kornia.filters.GaussianBlur2d((size(H), size(W)), (sigma, sigma))(x))
 
 

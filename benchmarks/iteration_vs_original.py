@@ -166,7 +166,7 @@ class FixedDraws:
         import mmseg.models.utils.dacs_transforms as dacs_transforms
         from mmseg.models.utils.masking_transforms import BlockMaskGenerator
         import mic_model
-        import mic_train
+        import mic_uda
 
         boxes = {'ours': iter(self.boxes), 'theirs': iter(self.boxes)}
         jitter = {'ours': iter(self.jitter), 'theirs': iter(self.jitter)}
@@ -181,10 +181,10 @@ class FixedDraws:
         patch(mic_model.HRDAEncoderDecoder, 'random_crop_box', lambda self, h, w: next(boxes['ours']))
         patch(hrda_module, 'get_crop_bbox', lambda *a, **k: next(boxes['theirs']))
         # ClassMix masks
-        patch(mic_train, 'class_mix_masks', lambda labels, *a, **k: self.class_mix.float())
+        patch(mic_uda, 'class_mix_masks', lambda labels, *a, **k: self.class_mix.float())
         patch(dacs_module, 'get_class_masks', lambda labels: [m[None] for m in self.class_mix])
         # jitter and blur always on (the decisions), with the same factors and sigmas
-        patch(mic_train, 'augmentation_switches', lambda u, blur: (True, bool(blur)))
+        patch(mic_uda, 'augmentation_switches', lambda u, blur: (True, bool(blur)))
         always = types.SimpleNamespace(uniform=lambda a, b: 0.9)
         patch(dacs_module, 'random', always)
         patch(mcm_module, 'random', always)
@@ -192,18 +192,18 @@ class FixedDraws:
         def our_jitter(img, strength):
             order, b, c, s, h = next(jitter['ours'])
             if not self.shared_kernels:
-                return mic_train.apply_color_jitter(img, order, b, c, s, h)
+                return mic_uda.apply_color_jitter(img, order, b, c, s, h)
             params = dict(brightness_factor=1 + b.flatten(), contrast_factor=c.flatten(),
                           saturation_factor=s.flatten(), hue_factor=h.flatten(), order=torch.tensor(order))
             return kornia.augmentation.ColorJitter(0.2, 0.2, 0.2, 0.2).apply_transform(img, params)
-        patch(mic_train, 'color_jitter', our_jitter)
+        patch(mic_uda, 'color_jitter', our_jitter)
 
         def their_params(module, batch_shape):
             order, b, c, s, h = next(jitter['theirs'])
             return dict(brightness_factor=1 + b.flatten(), contrast_factor=c.flatten(), saturation_factor=s.flatten(),
                         hue_factor=h.flatten(), order=torch.tensor(order))
         patch(kornia.augmentation.ColorJitter, 'generate_parameters', their_params)
-        blur = mic_train.gaussian_blur
+        blur = mic_uda.gaussian_blur
 
         def our_blur(img, sigma):
             sigma = next(sigmas['ours'])
@@ -211,11 +211,11 @@ class FixedDraws:
                 return blur(img, sigma)
             size = [int(np.floor(np.ceil(0.1 * n) - 0.5 + np.ceil(0.1 * n) % 2)) for n in img.shape[2:]]
             return kornia.filters.GaussianBlur2d(tuple(size), (sigma, sigma))(img)
-        patch(mic_train, 'gaussian_blur', our_blur)
+        patch(mic_uda, 'gaussian_blur', our_blur)
         patch(dacs_transforms, 'np', types.SimpleNamespace(
             floor=np.floor, ceil=np.ceil, random=types.SimpleNamespace(uniform=lambda a, b: next(sigmas['theirs']))))
         # MIC's patch mask
-        patch(mic_train, 'block_mask', lambda *a, **k: self.block_mask)
+        patch(mic_uda, 'block_mask', lambda *a, **k: self.block_mask)
         patch(BlockMaskGenerator, 'generate_mask', lambda gen, imgs: self.block_mask)
         return boxes, jitter, sigmas
 

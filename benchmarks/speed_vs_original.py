@@ -92,13 +92,13 @@ class Sides:
         """Colour jitter and blur on in every iteration, on both sides (only the on/off decisions)."""
         import mmseg.models.uda.dacs as dacs_module
         import mmseg.models.uda.masking_consistency_module as mcm_module
-        import mic_train
+        import mic_uda
 
         def patch(obj, name, value):
             old = getattr(obj, name)
             setattr(obj, name, value)
             self.stack.callback(setattr, obj, name, old)
-        patch(mic_train, 'augmentation_switches', lambda u, blur: (True, bool(blur)))
+        patch(mic_uda, 'augmentation_switches', lambda u, blur: (True, bool(blur)))
         always = types.SimpleNamespace(uniform=lambda a, b: 0.9)  # > color_jitter_p 0.2 and > 0.5 for blur
         patch(dacs_module, 'random', always)
         patch(mcm_module, 'random', always)
@@ -211,7 +211,6 @@ def run_profile(args, sides):
     side = args.profile
     # label the stages of an iteration so that the table can be read per stage
     if side == 'ours':
-        import mic_train
         passes = []
         for name, p in sides.ours.passes:
             run = p.run

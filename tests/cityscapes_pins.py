@@ -52,7 +52,7 @@ def config_dumps():
 
 def write_datasets(root):
     """A GTA, a Cityscapes and a Synthia folder with random raw ids (mapped and unmapped ones)."""
-    from test_convert_labels import write_png
+    from helpers import write_png
     rng = np.random.default_rng(1234)
     palette = [v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)]
     for i in range(4):

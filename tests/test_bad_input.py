@@ -30,6 +30,7 @@ import mic_eval
 import mic_model
 import mic_runtime
 import mic_train
+from helpers import tiny_model_cfg, tiny_opts
 import png16
 from mic_config import ConfigError, defaults, load_config, merge, resolve_section, to_plain
 from mic_data import DataError, OutputError
@@ -119,17 +120,15 @@ def worker_errors(monkeypatch):
     gc.collect()
 
 
-def tiny_model_cfg():
-    return {'type': 'encoder_decoder', 'backbone': {'type': 'mit_b0', 'drop_path_rate': 0.0}, 'pretrained': None,
-            'decode_head': {'embed_dims': 32}, 'test': {'mode': 'whole'}}
+SINGLE_SCALE = {'type': 'encoder_decoder', 'test': {'mode': 'whole'}}  # tiny_model_cfg's overrides here
 
 
 @pytest.fixture(scope='module')
 def ckpt(tmp_path_factory):
     """One of our checkpoints of a tiny model (its data.val.root does not exist: tests pass --data-root)."""
     root = tmp_path_factory.mktemp('ckpt')
-    cfg = to_plain(merge(defaults(), {'model': tiny_model_cfg(), 'data': {
-        'val': {'root': str(root / 'cs'), 'img_scale': [W, H]}, 'num_workers': 0}}))
+    cfg = to_plain(merge(defaults(), {'model': tiny_model_cfg(**SINGLE_SCALE), 'data': {
+        'val': {'root': str(root / 'cs'), 'img_scale': [W, H]}, 'num_workers': 0}, 'uda': {'fd_lambda': 0}}))
     torch.manual_seed(0)
     model = mic_model.build_model(cfg['model'])
     torch.save({'student': model.state_dict(), 'config': cfg, 'iteration': 1}, root / 'latest.pth')
@@ -682,7 +681,7 @@ def test_loader_workers_use_one_thread(train_data, monkeypatch, cityscapes_val, 
     threads = log.read_text().split()
     assert len(threads) >= 4 and set(threads) == {'1'} and torch.get_num_threads() == 2
     log.unlink()
-    model = mic_model.build_model(tiny_model_cfg())
+    model = mic_model.build_model(tiny_model_cfg(**SINGLE_SCALE))
     monkeypatch.setattr(type(model), 'inference', lambda self, img, out_size: torch.zeros(1, 19, *out_size))
     mic_eval.evaluate(model, train_data['val'], num_workers=1, progress=False)  # the evaluation loader
     assert log.read_text().split() == ['1'] * 2
@@ -767,7 +766,6 @@ def tiny_demo(tmp_path_factory):
 
 
 def train_tiny(demo, work, *extra, resume=False):
-    from test_train_run import tiny_opts
     argv = ['--cfg', os.path.join(REPO, 'configs/gta2cs.yaml'), '--opt',
             *tiny_opts(demo, str(work), 'train.eval_interval=0', 'train.debug_img_interval=0', *extra)]
     first, out, err = run_cli(mic_train.main, argv + (['--resume'] if resume else []), expect_error=False)

@@ -32,8 +32,8 @@ def test_defaults_are_the_paper_setting():
 def test_yaml_diff_and_overrides(tmp_path):
     path = tmp_path / 'x.yaml'
     path.write_text('model:\n  backbone: {type: mit_b0}\ntrain:\n  max_iters: 7\n')
-    cfg = load_config(str(path), ['train.max_iters=9', 'model.pretrained=null', 'data.crop_size=[512, 1024]',
-                                  'optim.lr=1e-4', 'uda.mask_alpha=0.99'])
+    cfg = load_config(str(path), ['train.max_iters=9', 'model.pretrained=null', 'uda.fd_lambda=0',
+                                  'data.crop_size=[512, 1024]', 'optim.lr=1e-4', 'uda.mask_alpha=0.99'])
     assert cfg.model.backbone.type == 'mit_b0' and cfg.model.backbone.drop_path_rate == 0.1
     assert cfg.train.max_iters == 9 and cfg.model.pretrained is None
     assert cfg.data.crop_size == [512, 1024] and cfg.optim.lr == 1e-4 and cfg.uda.mask_alpha == 0.99

@@ -2,14 +2,13 @@
 import json
 import os
 import re
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import convert_labels
+from helpers import write_png
 from convert_labels import convert_dataset, read_png
 from mic_data import DataError
 
@@ -22,55 +21,6 @@ SYNTHIA_TABLE = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 
 
 def expected_train_ids(ids, table):
     return np.vectorize(lambda v: table.get(int(v), 255), otypes=[np.uint8])(ids)
-
-
-# --------------------------------------------------------------------------
-# A minimal PNG writer that applies a chosen row filter to every row
-# --------------------------------------------------------------------------
-
-def paeth_predictor(a, b, c):
-    a, b, c = (x.astype(np.int16) for x in (a, b, c))
-    p = a + b - c
-    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
-    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c)).astype(np.uint8)
-
-
-def filter_rows(raw, bpp, types):
-    """raw [H, S] uint8 scanlines -> [H, 1 + S] with each row filtered by types[r] (0 None .. 4 Paeth).
-
-    Filtering only looks at raw (unfiltered) neighbours, so it vectorises over the whole image.
-    """
-    h, s = raw.shape
-    up = np.vstack([np.zeros((1, s), np.uint8), raw[:-1]])
-    left = np.hstack([np.zeros((h, bpp), np.uint8), raw[:, :-bpp]])
-    up_left = np.hstack([np.zeros((h, bpp), np.uint8), up[:, :-bpp]])
-    predictors = [np.zeros_like(raw), left, up, ((left.astype(np.int16) + up) // 2).astype(np.uint8),
-                  paeth_predictor(left, up, up_left)]
-    out = np.empty((h, s + 1), np.uint8)
-    out[:, 0] = types
-    for t in range(5):
-        rows = types == t
-        out[rows, 1:] = raw[rows] - predictors[t][rows]  # uint8 arithmetic wraps modulo 256
-    return out
-
-
-def _chunk(kind, body):
-    return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
-
-
-def write_png(path, array, types, colour_type=None, interlace=0):
-    """Write uint8 / uint16 [H,W,C] as PNG with row filters `types` [H] (16-bit: big-endian samples)."""
-    h, w, c = array.shape
-    depth = 16 if array.dtype == np.uint16 else 8
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c] if colour_type is None else colour_type
-    raw = (array.astype('>u2') if depth == 16 else array).view(np.uint8).reshape(h, -1)
-    data = filter_rows(raw, c * depth // 8, np.asarray(types, np.uint8))
-    ihdr = struct.pack('>IIBBBBB', w, h, depth, colour_type, 0, 0, interlace)
-    png = (b'\x89PNG\r\n\x1a\n' + _chunk(b'IHDR', ihdr) + _chunk(b'IDAT', zlib.compress(data.tobytes()))
-           + _chunk(b'IEND', b''))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'wb') as f:
-        f.write(png)
 
 
 FILTER_PATTERNS = {

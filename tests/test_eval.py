@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import helpers
 import mic_eval
 import mic_model
 from mic_config import defaults, merge, to_plain
 from mic_data import CLASSES, IMG_MEAN, IMG_STD, PALETTE, SYNTHIA_CLASSES, TRAIN_ID_TO_CS_ID
-from mic_train import block_mask
+from mic_uda import block_mask
 
 torch.set_num_threads(2)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,14 +74,14 @@ def write_cityscapes(root, split, samples, cities=('frankfurt',)):
 
 
 def tiny_model_cfg(kind='encoder_decoder'):
-    return {'type': kind, 'backbone': {'type': 'mit_b0', 'drop_path_rate': 0.0}, 'pretrained': None,
-            'decode_head': {'embed_dims': 32}, 'hrda': {'hr_crop_size': [32, 32]}, 'test': {'mode': 'whole'}}
+    return helpers.tiny_model_cfg(type=kind, test={'mode': 'whole'})
 
 
 def tiny_config(val_root, kind='encoder_decoder', img_scale=(W, H), **data):
     cfg = merge(defaults(), {'model': tiny_model_cfg(kind),
                              'data': {'val': {'root': str(val_root), 'img_scale': list(img_scale)},
-                                      'num_workers': 0, **data}})
+                                      'num_workers': 0, **data},
+                             'uda': {'fd_lambda': 0}})  # no ImageNet encoder without model.pretrained
     return to_plain(cfg)
 
 

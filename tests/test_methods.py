@@ -10,7 +10,8 @@ import mic_config
 import mic_experiments
 import mic_model
 import mic_train
-from test_train_helpers import synthetic_batch, tiny_cfg
+import mic_uda
+from helpers import REPO, synthetic_batch, tiny_cfg, tiny_opts
 
 NO_DROPOUT = ['model.decode_head.dropout=0', 'model.backbone.drop_path_rate=0']
 
@@ -41,9 +42,9 @@ def test_losses_combine_as_a_hand_built_sum(monkeypatch, model_type):
     mix_mask = (torch.rand(B, 1, H, W, generator=g) > 0.5).float()
     patch_mask = (torch.rand(B, 1, H, W, generator=g) > 0.7).float()
     box = (8, 40, 16, 48)
-    monkeypatch.setattr(mic_train, 'class_mix_masks', lambda *a, **k: mix_mask)
-    monkeypatch.setattr(mic_train, 'block_mask', lambda *a, **k: patch_mask)
-    monkeypatch.setattr(mic_train, 'augmentation_switches', lambda u, blur: (False, False))
+    monkeypatch.setattr(mic_uda, 'class_mix_masks', lambda *a, **k: mix_mask)
+    monkeypatch.setattr(mic_uda, 'block_mask', lambda *a, **k: patch_mask)
+    monkeypatch.setattr(mic_uda, 'augmentation_switches', lambda u, blur: (False, False))
     monkeypatch.setattr(mic_model.HRDAEncoderDecoder, 'random_crop_box', lambda self, h, w: box)
     logs, grads = _grads_of_one_step(trainer, b)
 
@@ -111,14 +112,14 @@ def test_advseg_one_iteration():
 
 def test_discriminator_and_entropy_losses_by_hand():
     out = torch.tensor([[[[0.25, -0.5]]]])
-    assert float(mic_train.discriminator_loss(out, 1.0, 'ls')) == pytest.approx((0.75 ** 2 + 1.5 ** 2) / 2)
+    assert float(mic_uda.discriminator_loss(out, 1.0, 'ls')) == pytest.approx((0.75 ** 2 + 1.5 ** 2) / 2)
     bce = -(torch.log(torch.sigmoid(out)).mean())
-    assert float(mic_train.discriminator_loss(out, 1.0, 'vanilla')) == pytest.approx(float(bce), rel=1e-6)
+    assert float(mic_uda.discriminator_loss(out, 1.0, 'vanilla')) == pytest.approx(float(bce), rel=1e-6)
     uniform = torch.full((2, 4, 3, 3), 0.25)
-    assert float(mic_train.normalised_entropy(uniform)) == pytest.approx(1.0)
+    assert float(mic_uda.normalised_entropy(uniform)) == pytest.approx(1.0)
     onehot = torch.zeros(1, 4, 2, 2)
     onehot[:, 1] = 1
-    assert float(mic_train.normalised_entropy(onehot)) == pytest.approx(0.0, abs=1e-6)
+    assert float(mic_uda.normalised_entropy(onehot)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_minent_one_iteration():
@@ -130,17 +131,17 @@ def test_minent_one_iteration():
     with torch.no_grad():
         prob = torch.softmax(trainer.student.encode_decode(b['target_img']), dim=1)
     logs = trainer.step(b, 0)
-    assert float(logs['entropy.loss_ent']) == pytest.approx(0.001 * float(mic_train.normalised_entropy(prob)),
+    assert float(logs['entropy.loss_ent']) == pytest.approx(0.001 * float(mic_uda.normalised_entropy(prob)),
                                                             rel=1e-5)
 
 
-def test_advseg_on_hrda_is_refused():
-    with pytest.raises(mic_config.ConfigError, match='single-scale models'):
-        mic_train.Trainer(tiny_cfg('uda.mode=advseg'), torch.device('cpu'))
+def test_advseg_and_minent_on_hrda_are_refused_by_the_config():
+    for mode in ('advseg', 'minent'):
+        with pytest.raises(mic_config.ConfigError, match=f'uda.mode={mode} is implemented for single-scale models'):
+            tiny_cfg(f'uda.mode={mode}')
 
 
 def test_experiment_runs_train_in_turn_and_finished_ones_are_reported(tmp_path, monkeypatch, capsys):
-    from test_train_run import REPO, tiny_opts
     demo = str(tmp_path / 'demo')
     runs = [(f'tiny_s{seed}', os.path.join(REPO, 'configs/gta2cs.yaml'),
              tiny_opts(demo, str(tmp_path / f'exp/tiny_s{seed}'), 'train.max_iters=2', 'train.eval_interval=0',

@@ -6,18 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import mic_model
+from helpers import tiny_model_cfg
 from mic_config import load_config
 from mic_model import CheckpointError, build_model, load_checkpoint
 
 torch.set_num_threads(2)
-
-
-def tiny_cfg(**kw):
-    cfg = {'backbone': {'type': 'mit_b0', 'drop_path_rate': 0.0}, 'pretrained': None,
-           'decode_head': {'embed_dims': 32}, 'hrda': {'hr_crop_size': [32, 32]},
-           'test': {'crop_size': [64, 64], 'stride': [32, 32]}}
-    cfg.update(kw)
-    return cfg
 
 
 # --------------------------------------------------------------------------
@@ -125,7 +118,7 @@ def test_drop_path_rates_and_layer_norm_eps():
 
 
 def test_state_dict_names_follow_mmseg_layout():
-    keys = set(build_model(tiny_cfg()).state_dict())
+    keys = set(build_model(tiny_model_cfg()).state_dict())
     for k in ['backbone.patch_embed1.proj.weight', 'backbone.block1.0.attn.q.weight', 'backbone.block1.0.attn.kv.weight',
               'backbone.block1.0.attn.sr.weight', 'backbone.block1.0.attn.norm.weight',
               'backbone.block1.0.mlp.fc1.weight', 'backbone.block1.0.mlp.dwconv.dwconv.weight', 'backbone.norm1.weight',
@@ -139,9 +132,9 @@ def test_state_dict_names_follow_mmseg_layout():
         assert k in keys, k
     # convs followed by BN carry no bias; the depthwise ASPP convs are dilated 6/12/18
     assert 'decode_head.head.fuse_layer.aspp_modules.0.conv.bias' not in keys
-    head = build_model(tiny_cfg()).decode_head.head
+    head = build_model(tiny_model_cfg()).decode_head.head
     assert [m.depthwise_conv.conv.dilation[0] for m in head.fuse_layer.aspp_modules[1:]] == [6, 12, 18]
-    plain = set(build_model(tiny_cfg(type='encoder_decoder')).state_dict())
+    plain = set(build_model(tiny_model_cfg(type='encoder_decoder')).state_dict())
     assert 'decode_head.fuse_layer.bottleneck.bn.weight' in plain and 'decode_head.conv_seg.weight' in plain
 
 
@@ -211,7 +204,7 @@ def test_slide_boxes_cover_image_and_stay_inside():
 
 def test_slide_inference_equals_per_window_loop():
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(type='encoder_decoder', test={'mode': 'slide', 'crop_size': [32, 48],
+    model = build_model(tiny_model_cfg(type='encoder_decoder', test={'mode': 'slide', 'crop_size': [32, 48],
                                                                'stride': [16, 24]})).eval()
     img = torch.randn(2, 3, 56, 88)
     with torch.no_grad():
@@ -228,7 +221,7 @@ def test_slide_inference_equals_per_window_loop():
 
 def test_hrda_detail_slide_equals_per_window_loop():
     torch.manual_seed(0)
-    model = build_model(tiny_cfg()).eval()
+    model = build_model(tiny_model_cfg()).eval()
     img = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         batched = model.detail_logits_slide(img)
@@ -248,7 +241,7 @@ def test_hrda_detail_slide_equals_per_window_loop():
 
 
 def test_hrda_handles_sizes_not_divisible_by_8():
-    model = build_model(tiny_cfg()).eval()
+    model = build_model(tiny_model_cfg()).eval()
     with torch.no_grad():
         assert model.encode_decode(torch.randn(1, 3, 70, 101)).shape == (1, 19, 70, 101)
         with pytest.raises(ValueError, match='at least 32x32'):
@@ -288,7 +281,7 @@ def test_seg_loss_resizes_logits_to_label():
 
 def test_hrda_training_losses_with_fixed_box():
     torch.manual_seed(0)
-    model = build_model(tiny_cfg())
+    model = build_model(tiny_model_cfg())
     mic_model.set_dropout(model, False)
     img = torch.randn(2, 3, 64, 64)
     label = torch.randint(0, 19, (2, 1, 64, 64))
@@ -310,8 +303,8 @@ def test_hrda_training_losses_with_fixed_box():
 
 def test_activation_checkpointing_gives_same_loss_and_grads():
     torch.manual_seed(0)
-    a = build_model(tiny_cfg())
-    b = build_model(tiny_cfg(activation_checkpointing=True))
+    a = build_model(tiny_model_cfg())
+    b = build_model(tiny_model_cfg(activation_checkpointing=True))
     b.load_state_dict(a.state_dict())
     for m in (a, b):
         mic_model.set_dropout(m, False)
@@ -327,7 +320,7 @@ def test_activation_checkpointing_gives_same_loss_and_grads():
 
 def test_bf16_autocast_runs_close_to_fp32():
     torch.manual_seed(0)
-    model = build_model(tiny_cfg()).eval()
+    model = build_model(tiny_model_cfg()).eval()
     img = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ref = model.encode_decode(img)
@@ -338,7 +331,7 @@ def test_bf16_autocast_runs_close_to_fp32():
 
 
 def test_set_dropout_keeps_batchnorm_in_train_mode():
-    model = build_model(tiny_cfg(backbone={'type': 'mit_b0', 'drop_path_rate': 0.5}))
+    model = build_model(tiny_model_cfg(backbone={'type': 'mit_b0', 'drop_path_rate': 0.5}))
     model.train()
     mic_model.set_dropout(model, False)
     img = torch.randn(2, 3, 64, 64)
@@ -350,7 +343,7 @@ def test_set_dropout_keeps_batchnorm_in_train_mode():
 def test_decoder_convolutions_get_nchw_maps_on_the_cpu():
     """The encoder's maps are channels-last; the decoders' convolutions run several times faster on
     contiguous NCHW on the CPU (BENCHMARKS.md section 8), and the values are the same either way."""
-    model = build_model(tiny_cfg()).eval()
+    model = build_model(tiny_model_cfg()).eval()
     seen = []
     for m in model.decode_head.modules():
         if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.groups > 1:  # ASPP depthwise
@@ -380,7 +373,7 @@ def test_build_from_shipped_configs():
 
 
 def test_load_our_checkpoint(tmp_path):
-    src, dst = build_model(tiny_cfg()), build_model(tiny_cfg())
+    src, dst = build_model(tiny_model_cfg()), build_model(tiny_model_cfg())
     torch.save({'student': src.state_dict(), 'teacher': {}, 'config': {}}, tmp_path / 'ours.pth')
     info = load_checkpoint(dst, str(tmp_path / 'ours.pth'))
     assert info['format'] == 'mic_train'
@@ -389,7 +382,7 @@ def test_load_our_checkpoint(tmp_path):
 
 
 def test_load_released_checkpoint_takes_the_student(tmp_path):
-    student, teacher = build_model(tiny_cfg()), build_model(tiny_cfg())
+    student, teacher = build_model(tiny_model_cfg()), build_model(tiny_model_cfg())
     sd = {}
     for k, v in student.state_dict().items():
         sd['model.' + k] = v
@@ -397,7 +390,7 @@ def test_load_released_checkpoint_takes_the_student(tmp_path):
     for k, v in teacher.backbone.state_dict().items():
         sd['imnet_model.backbone.' + k] = v
     torch.save({'state_dict': sd, 'meta': {'iter': 40000, 'CLASSES': ('road',)}}, tmp_path / 'released.pth')
-    dst = build_model(tiny_cfg())
+    dst = build_model(tiny_model_cfg())
     assert load_checkpoint(dst, str(tmp_path / 'released.pth'))['format'] == 'released_uda'
     w = 'backbone.block1.0.attn.q.weight'
     assert torch.equal(dst.state_dict()[w], student.state_dict()[w])
@@ -409,7 +402,7 @@ def test_load_segformer_imagenet_weights(tmp_path):
     sd = dict(enc.state_dict())
     sd['head.weight'], sd['head.bias'] = torch.zeros(1000, 256), torch.zeros(1000)
     torch.save(sd, tmp_path / 'mit_b0.pth')
-    model = build_model(tiny_cfg(pretrained=str(tmp_path / 'mit_b0.pth')), load_pretrained=True)
+    model = build_model(tiny_model_cfg(pretrained=str(tmp_path / 'mit_b0.pth')), load_pretrained=True)
     assert torch.equal(model.backbone.norm4.weight, enc.norm4.weight)
     bare = mic_model.MiT('b0')
     assert load_checkpoint(bare, str(tmp_path / 'mit_b0.pth'))['ignored'] == ['head.weight', 'head.bias']
@@ -417,31 +410,31 @@ def test_load_segformer_imagenet_weights(tmp_path):
 
 
 def test_load_mismatches_name_keys_and_shapes(tmp_path):
-    b5_like = {'student': build_model(tiny_cfg(backbone={'type': 'mit_b2'})).state_dict()}
+    b5_like = {'student': build_model(tiny_model_cfg(backbone={'type': 'mit_b2'})).state_dict()}
     torch.save(b5_like, tmp_path / 'b2.pth')
     with pytest.raises(CheckpointError, match=r'stage-3 blocks \(mit_b2\)'):
-        load_checkpoint(build_model(tiny_cfg()), str(tmp_path / 'b2.pth'))
-    hrda = {'student': build_model(tiny_cfg()).state_dict()}
+        load_checkpoint(build_model(tiny_model_cfg()), str(tmp_path / 'b2.pth'))
+    hrda = {'student': build_model(tiny_model_cfg()).state_dict()}
     torch.save(hrda, tmp_path / 'hrda.pth')
     with pytest.raises(CheckpointError, match='model.type=hrda') as e:
-        load_checkpoint(build_model(tiny_cfg(type='encoder_decoder')), str(tmp_path / 'hrda.pth'))
+        load_checkpoint(build_model(tiny_model_cfg(type='encoder_decoder')), str(tmp_path / 'hrda.pth'))
     assert 'unexpected keys: decode_head.head.' in str(e.value)
-    sd = build_model(tiny_cfg()).state_dict()
+    sd = build_model(tiny_model_cfg()).state_dict()
     sd['decode_head.head.conv_seg.weight'] = torch.zeros(16, 32, 1, 1)  # 16 classes
     torch.save({'student': sd}, tmp_path / 'k16.pth')
     with pytest.raises(CheckpointError, match=r'conv_seg.weight: checkpoint \(16, 32, 1, 1\) vs model \(19, 32, 1, 1\)'):
-        load_checkpoint(build_model(tiny_cfg()), str(tmp_path / 'k16.pth'))
+        load_checkpoint(build_model(tiny_model_cfg()), str(tmp_path / 'k16.pth'))
 
 
 def test_missing_files_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match='does not exist'):
-        load_checkpoint(build_model(tiny_cfg()), str(tmp_path / 'nope.pth'))
+        load_checkpoint(build_model(tiny_model_cfg()), str(tmp_path / 'nope.pth'))
     with pytest.raises(FileNotFoundError, match=r'SegFormer.*model.pretrained=null'):
-        build_model(tiny_cfg(pretrained=str(tmp_path / 'mit_b5.pth')), load_pretrained=True)
+        build_model(tiny_model_cfg(pretrained=str(tmp_path / 'mit_b5.pth')), load_pretrained=True)
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
     with pytest.raises(CheckpointError, match='is not a PyTorch checkpoint'):
-        load_checkpoint(build_model(tiny_cfg()), str(tmp_path / 'junk.pth'))
-    model = build_model(tiny_cfg())
+        load_checkpoint(build_model(tiny_model_cfg()), str(tmp_path / 'junk.pth'))
+    model = build_model(tiny_model_cfg())
     torch.save({'state_dict': model.state_dict()}, tmp_path / 'whole.pth')
     (tmp_path / 'cut.pth').write_bytes((tmp_path / 'whole.pth').read_bytes()[:5000])  # an interrupted copy
     with pytest.raises(CheckpointError, match='truncated or damaged.*Download or copy it again'):

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import mic_model
 import mic_train
+import mic_uda
+from helpers import synthetic_batch, tiny_cfg
 from mic_config import ConfigError, load_config
 
 torch.set_num_threads(2)
@@ -22,16 +24,16 @@ def test_ema_update_formula_and_iteration_zero():
     bn_s, bn_t = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
     bn_s.running_mean.fill_(5.0)
     s, t = torch.nn.ModuleList([student, bn_s]), torch.nn.ModuleList([teacher, bn_t])
-    mic_train.ema_update(t, s, 0, 0.999)  # iteration 0: a copy of the student's parameters
+    mic_uda.ema_update(t, s, 0, 0.999)  # iteration 0: a copy of the student's parameters
     assert torch.equal(teacher.weight, student.weight) and torch.equal(teacher.bias, student.bias)
     assert torch.equal(bn_t.running_mean, torch.zeros(2))  # buffers are not copied / averaged
     before = teacher.weight.detach().clone()
     with torch.no_grad():
         student.weight.add_(1.0)
-    mic_train.ema_update(t, s, 1, 0.999)  # alpha = min(1 - 1/2, 0.999) = 0.5
+    mic_uda.ema_update(t, s, 1, 0.999)  # alpha = min(1 - 1/2, 0.999) = 0.5
     torch.testing.assert_close(teacher.weight, 0.5 * before + 0.5 * student.weight)
     before = teacher.weight.detach().clone()
-    mic_train.ema_update(t, s, 5000, 0.999)  # alpha = min(1 - 1/5001, 0.999) = 0.999
+    mic_uda.ema_update(t, s, 5000, 0.999)  # alpha = min(1 - 1/5001, 0.999) = 0.999
     torch.testing.assert_close(teacher.weight, 0.999 * before + 0.001 * student.weight)
 
 
@@ -40,23 +42,23 @@ def test_pseudo_weight_is_the_confident_share_of_the_whole_batch():
     logits[0, 1, :, :2] = 10.0  # 4 confident pixels in image 0 (p ~ 0.9999)
     logits[1, 2, 0, 0] = 10.0  # 1 confident pixel in image 1
     logits[1, 0, 1, 2] = 2.0  # argmax 0 but p ~ 0.79 < 0.968
-    label, weight = mic_train.pseudo_label_and_weight(logits, 0.968)
+    label, weight = mic_uda.pseudo_label_and_weight(logits, 0.968)
     assert label[0, 0, 0] == 1 and label[1, 0, 0] == 2 and label[1, 1, 2] == 0
     assert torch.allclose(weight, torch.full((2, 2, 3), 5 / 12))  # one scalar for the batch
     valid = torch.ones(2, 1, 2, 3)
     valid[1, 0, 0, :] = 0
-    _, weight = mic_train.pseudo_label_and_weight(logits, 0.968, valid)
+    _, weight = mic_uda.pseudo_label_and_weight(logits, 0.968, valid)
     assert torch.allclose(weight[1, 0], torch.zeros(3)) and torch.allclose(weight[0], torch.full((2, 3), 5 / 12))
-    _, weight = mic_train.pseudo_label_and_weight(logits, None)
+    _, weight = mic_uda.pseudo_label_and_weight(logits, None)
     assert torch.equal(weight, torch.ones(2, 2, 3))
-    _, weight = mic_train.pseudo_label_and_weight(torch.zeros(1, 2, 6, 2), 0.4, ignore_top=2, ignore_bottom=1)
+    _, weight = mic_uda.pseudo_label_and_weight(torch.zeros(1, 2, 6, 2), 0.4, ignore_top=2, ignore_bottom=1)
     assert weight[0, :, 0].tolist() == [0, 0, 1, 1, 1, 0]
 
 
 def test_class_mix_masks_with_a_seeded_draw():
     labels = torch.tensor([[[0, 0, 1], [255, 1, 1]], [[2, 2, 3], [3, 7, 7]]])[:, None]  # [2,1,2,3]
     g = torch.Generator().manual_seed(3)
-    masks = mic_train.class_mix_masks(labels, 19, generator=g)
+    masks = mic_uda.class_mix_masks(labels, 19, generator=g)
     # Re-draw the same keys and derive the subsets the way the original does: the classes of the
     # whole batch (incl. the ignore label), ceil(n / 2) of them per sample.
     present = [0, 1, 2, 3, 7, 255]
@@ -74,7 +76,7 @@ def test_class_mix_draws_from_the_whole_batch():
     labels = torch.tensor([[[0, 1]], [[2, 3]]])[:, None]  # sample 0 holds {0,1}, sample 1 {2,3}
     empty = 0
     for seed in range(300):
-        m = mic_train.class_mix_masks(labels, 19, generator=torch.Generator().manual_seed(seed))
+        m = mic_uda.class_mix_masks(labels, 19, generator=torch.Generator().manual_seed(seed))
         assert int(m[0].sum() + m[1].sum()) <= 4
         empty += int(m[0].sum() == 0)  # both chosen classes only in sample 1: P = 1/6
     assert 25 < empty < 75
@@ -82,16 +84,16 @@ def test_class_mix_draws_from_the_whole_batch():
 
 def test_mix_keeps_dtypes():
     mask = torch.tensor([[[[1.0, 0.0]]]])
-    assert mic_train.mix(mask, torch.tensor([[[[5, 6]]]]), torch.tensor([[[[7, 8]]]])).tolist() == [[[[5, 8]]]]
+    assert mic_uda.mix(mask, torch.tensor([[[[5, 6]]]]), torch.tensor([[[[7, 8]]]])).tolist() == [[[[5, 8]]]]
     a, b = torch.randn(1, 3, 1, 2), torch.randn(1, 3, 1, 2)
-    torch.testing.assert_close(mic_train.mix(mask, a, b), mask * a + (1 - mask) * b)
+    torch.testing.assert_close(mic_uda.mix(mask, a, b), mask * a + (1 - mask) * b)
 
 
 @pytest.mark.parametrize('H,W,block,cells', [(128, 128, 64, (2, 2)), (100, 130, 32, (3, 4)), (96, 160, 64, (2, 2)),
                                              (20, 20, 64, (1, 1))])
 def test_block_mask_geometry(H, W, block, cells):
     torch.manual_seed(0)
-    m = mic_train.block_mask(3, H, W, 0.7, block)
+    m = mic_uda.block_mask(3, H, W, 0.7, block)
     assert m.shape == (3, 1, H, W) and set(m.unique().tolist()) <= {0.0, 1.0}
     # nearest upsampling: pixel (y, x) shows cell (floor(y * ch / H), floor(x * cw / W))
     ch, cw = cells
@@ -104,7 +106,7 @@ def test_block_mask_geometry(H, W, block, cells):
 
 def test_block_mask_ratio():
     torch.manual_seed(0)
-    m = mic_train.block_mask(64, 640, 640, 0.7, 64)
+    m = mic_uda.block_mask(64, 640, 640, 0.7, 64)
     assert abs(float(m.mean()) - 0.3) < 0.03
 
 
@@ -124,16 +126,16 @@ def test_downscale_label_ratio_by_hand_and_against_one_hot():
                           [5, 9, 1, 1],
                           [255, 255, 4, 4],
                           [255, 3, 4, 4]])[None, None]
-    out = mic_train.downscale_label_ratio(label, 2, 0.75, 19)
+    out = mic_uda.downscale_label_ratio(label, 2, 0.75, 19)
     # block (0,0): 5 covers 3/4 -> 5; (0,1): 1 covers 3/4 -> 1; (1,0): ignore is the majority -> 255; (1,1): 4
     assert out[0, 0].tolist() == [[5, 1], [255, 4]]
-    assert mic_train.downscale_label_ratio(label, 2, 0.8, 19)[0, 0].tolist() == [[255, 255], [255, 4]]
+    assert mic_uda.downscale_label_ratio(label, 2, 0.8, 19)[0, 0].tolist() == [[255, 255], [255, 4]]
     torch.manual_seed(0)
     big = torch.randint(0, 4, (2, 1, 64, 96))
     big[:, :, :16] = 2
     big[0, :, 20:40, :30] = 255
     for s in (4, 16):
-        assert torch.equal(mic_train.downscale_label_ratio(big, s, 0.75, 19), _downscale_by_one_hot(big, s, 0.75, 19))
+        assert torch.equal(mic_uda.downscale_label_ratio(big, s, 0.75, 19), _downscale_by_one_hot(big, s, 0.75, 19))
 
 
 def test_lr_schedule_points():
@@ -147,7 +149,7 @@ def test_lr_schedule_points():
 
 
 def test_optimizer_groups():
-    cfg = load_config(None, ['model.backbone.type=mit_b0', 'model.pretrained=null'])
+    cfg = load_config(None, ['model.backbone.type=mit_b0', 'model.pretrained=null', 'uda.fd_lambda=0'])
     model = mic_model.build_model(cfg.model)
     opt = mic_train.build_optimizer(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -167,12 +169,12 @@ def test_feature_distance_on_thing_classes_only():
     fi[0][0, :, 1, 1] = torch.tensor([6.0, 8.0])  # distance 10 in block (1,1)
     label = torch.full((1, 1, 4, 4), 13)  # car (a thing) everywhere ...
     label[..., 2:, 2:] = 0  # ... but road (stuff) in block (1,1)
-    d = mic_train.feature_distance(fs, fi, label, [13], 0.75, 19)
+    d = mic_uda.feature_distance(fs, fi, label, [13], 0.75, 19)
     assert math.isclose(float(d.detach()), 5 / 3, rel_tol=1e-6)  # mean over the 3 thing blocks
     d.backward()
     assert fs[0].grad[0, :, 1, 1].abs().sum() == 0
     no_things = torch.zeros(1, 1, 4, 4, dtype=torch.long)
-    assert float(mic_train.feature_distance(fs, fi, no_things, [13], 0.75, 19).detach()) == 0
+    assert float(mic_uda.feature_distance(fs, fi, no_things, [13], 0.75, 19).detach()) == 0
 
 
 # --------------------------------------------------------------------------
@@ -181,15 +183,15 @@ def test_feature_distance_on_thing_classes_only():
 
 def test_hsv_round_trip_and_known_values():
     img = torch.rand(2, 3, 5, 7)
-    torch.testing.assert_close(mic_train._hsv_to_rgb(mic_train._rgb_to_hsv(img)), img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mic_uda._hsv_to_rgb(mic_uda._rgb_to_hsv(img)), img, atol=1e-5, rtol=1e-5)
     red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
     one = torch.ones(1, 1, 1, 1)
-    green = mic_train.apply_color_jitter(red, [3], None, None, None, one / 3)  # hue + 120 degrees
+    green = mic_uda.apply_color_jitter(red, [3], None, None, None, one / 3)  # hue + 120 degrees
     torch.testing.assert_close(green.flatten(), torch.tensor([0.0, 1.0, 0.0]), atol=1e-5, rtol=0)
-    grey = mic_train.apply_color_jitter(torch.tensor([0.8, 0.2, 0.4]).view(1, 3, 1, 1), [2], None, None, 0 * one, None)
+    grey = mic_uda.apply_color_jitter(torch.tensor([0.8, 0.2, 0.4]).view(1, 3, 1, 1), [2], None, None, 0 * one, None)
     torch.testing.assert_close(grey.flatten(), torch.full((3,), 0.8))  # saturation 0: the value channel
     x = torch.tensor([0.5, 0.9, 0.1]).view(1, 3, 1, 1)
-    out = mic_train.apply_color_jitter(x, [0, 1], 0.2 * one, 2 * one, None, None)  # (x + 0.2) * 2, clamped
+    out = mic_uda.apply_color_jitter(x, [0, 1], 0.2 * one, 2 * one, None, None)  # (x + 0.2) * 2, clamped
     torch.testing.assert_close(out.flatten(), torch.tensor([1.0, 1.0, 0.6]))
 
 
@@ -197,7 +199,7 @@ def test_gaussian_blur_against_explicit_convolution():
     torch.manual_seed(0)
     img = torch.randn(1, 2, 50, 30)  # kernels: ceil(5) = 5 (odd) rows, ceil(3) = 3 columns
     sigma = 0.8
-    out = mic_train.gaussian_blur(img, sigma).numpy()
+    out = mic_uda.gaussian_blur(img, sigma).numpy()
 
     def kernel(k):
         x = np.arange(k) - k // 2
@@ -215,24 +217,6 @@ def test_gaussian_blur_against_explicit_convolution():
 # --------------------------------------------------------------------------
 # One iteration of the trainer
 # --------------------------------------------------------------------------
-
-def tiny_cfg(*opts, pretrained=None):
-    base = ['model.backbone.type=mit_b0', 'model.decode_head.embed_dims=32', 'model.hrda.hr_crop_size=[32,32]',
-            'data.crop_size=[64,64]', 'train.device=cpu', 'uda.mask_block_size=16',
-            f'model.pretrained={pretrained or "null"}']
-    if pretrained is None:
-        base.append('uda.fd_lambda=0')
-    return load_config(None, base + list(opts))
-
-
-def synthetic_batch(seed=0, B=2, H=64, W=64):
-    g = torch.Generator().manual_seed(seed)
-    gt = torch.randint(0, 19, (B, 1, H, W), generator=g, dtype=torch.uint8)
-    gt[:, :, :56] = 11  # mostly person (a thing class): the feature distance has blocks to act on
-    return {'img': torch.randn(B, 3, H, W, generator=g), 'gt': gt,
-            'target_img': torch.randn(B, 3, H, W, generator=g),
-            'valid_pseudo_mask': torch.ones(B, 1, H, W, dtype=torch.uint8)}
-
 
 @pytest.fixture(scope='module')
 def mit_b0_weights(tmp_path_factory):
@@ -290,10 +274,9 @@ def test_switches_change_the_losses(mit_b0_weights):
     assert set(src_only) == {'lr', 'source.loss_seg', 'source.loss_seg_hr'}
 
 
-def test_fd_without_pretrained_weights_is_refused():
-    with pytest.raises(ConfigError, match='uda.fd_lambda=0'):
-        mic_train.Trainer(load_config(None, ['model.backbone.type=mit_b0', 'model.pretrained=null']),
-                          torch.device('cpu'))
+def test_fd_without_pretrained_weights_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match='uda.fd_lambda > 0 compares features with the ImageNet encoder'):
+        load_config(None, ['model.backbone.type=mit_b0', 'model.pretrained=null'])
 
 
 @pytest.mark.parametrize('mode', ['separate', 'separateaug', 'separatesrc', 'separatesrcaug', 'separatetrg',
@@ -305,9 +288,9 @@ def test_mask_modes_pick_their_images(mode):
     src, gt, tgt = b['img'], b['gt'].long(), b['target_img']
     plabel = torch.randint(0, 19, (2, 64, 64))
     pweight = torch.full((2, 64, 64), 0.3)
-    state = mic_train.StepState(src=src, gt=gt, tgt=tgt, valid=b['valid_pseudo_mask'], plabel=plabel,
+    state = mic_uda.StepState(src=src, gt=gt, tgt=tgt, valid=b['valid_pseudo_mask'], plabel=plabel,
                                 pweight=pweight, B=2)
-    img, lbl, w = mic_train.mic_inputs(trainer, state)
+    img, lbl, w = mic_uda.mic_inputs(trainer, state)
     if mode.startswith('separatesrc'):
         assert img is src and lbl is gt and w is None
     elif mode.startswith('separatetrg'):
@@ -323,11 +306,12 @@ def test_mask_modes_pick_their_images(mode):
 def test_separate_mic_teacher():
     torch.manual_seed(0)
     trainer = mic_train.Trainer(tiny_cfg('uda.mask_alpha=0.9', 'uda.mask_pseudo_threshold=null'), torch.device('cpu'))
-    assert trainer.ema == {'teacher': 0.999, 'mic_teacher': 0.9} and trainer.mic_threshold is None
+    assert trainer.ema == {'teacher': 0.999, 'mic_teacher': 0.9}
+    assert mic_uda.mic_pseudo_threshold(trainer.cfg) is None
     b = synthetic_batch()
-    state = mic_train.StepState(src=b['img'], gt=b['gt'].long(), tgt=b['target_img'], valid=b['valid_pseudo_mask'],
+    state = mic_uda.StepState(src=b['img'], gt=b['gt'].long(), tgt=b['target_img'], valid=b['valid_pseudo_mask'],
                                 plabel=torch.zeros(2, 64, 64, dtype=torch.long), pweight=torch.zeros(2, 64, 64), B=2)
-    img, lbl, w = mic_train.mic_inputs(trainer, state)
+    img, lbl, w = mic_uda.mic_inputs(trainer, state)
     assert torch.equal(w, torch.ones(2, 64, 64))  # threshold null: weight 1, from the MIC teacher's labels
     trainer.step(b, 0)
     trainer.step(synthetic_batch(1), 1)  # alpha_1 = min(0.5, 0.9): MIC teacher and teacher agree

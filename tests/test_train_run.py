@@ -11,26 +11,13 @@ import torch
 
 import mic_model
 import mic_train
+from helpers import REPO, synthetic_batch, tiny_cfg, tiny_opts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
 def demo_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp('demo'))
-
-
-def tiny_opts(demo_root, work_dir, *extra):
-    return ['model.backbone.type=mit_b0', 'model.decode_head.embed_dims=32', 'model.pretrained=null',
-            'model.hrda.hr_crop_size=[32,32]', 'model.test.crop_size=[64,64]', 'model.test.stride=[32,32]',
-            'data.demo.enabled=true', f'data.demo.root={demo_root}', 'data.demo.num_source=6',
-            'data.demo.num_target=4', 'data.demo.num_val=2', 'data.demo.width=128', 'data.demo.height=64',
-            f'data.source.root={demo_root}/gta', f'data.target.root={demo_root}/cityscapes',
-            f'data.val.root={demo_root}/cityscapes', 'data.source.img_scale=[128,64]',
-            'data.target.img_scale=[128,64]', 'data.val.img_scale=[128,64]', 'data.crop_size=[64,64]',
-            'data.rcs.min_pixels=20', 'data.num_workers=0', 'uda.fd_lambda=0', 'uda.mask_block_size=16',
-            'train.max_iters=8', 'train.log_interval=2', 'train.eval_interval=4', 'train.ckpt_interval=4',
-            'train.debug_img_interval=4', 'train.device=cpu', f'train.work_dir={work_dir}', *extra]
 
 
 def run(demo_root, work_dir, *extra, resume=False):
@@ -173,8 +160,6 @@ def test_two_process_gloo_run(demo_root, tmp_path):
 
 def _ddp_worker(rank, store, out):
     import torch.distributed as dist
-    sys.path.insert(0, os.path.join(REPO, 'tests'))
-    from test_train_helpers import synthetic_batch, tiny_cfg
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
     try:
@@ -198,8 +183,6 @@ def test_ddp_gradients_are_synchronised(tmp_path):
     result = torch.load(out, weights_only=True)
     assert result['same']  # every pass's gradients reached both ranks
     # ... and they are not rank 0's alone: a single process on rank 0's batch ends elsewhere
-    sys.path.insert(0, os.path.join(REPO, 'tests'))
-    from test_train_helpers import synthetic_batch, tiny_cfg
     torch.manual_seed(0)
     single = mic_train.Trainer(tiny_cfg(), torch.device('cpu'))
     torch.manual_seed(10)
