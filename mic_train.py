@@ -15,6 +15,13 @@ metrics.json and preds/ from the evaluation on data.val.
 One iteration (SPEC section 4): EMA teacher update -> source loss (+ ImageNet feature
 distance) -> teacher pseudo-labels on the target -> ClassMix + strong augmentation ->
 mixed loss -> masked-target loss (MIC) -> one AdamW step over all gradients.
+
+This file holds the Trainer (the modules and optimizers a method's entry in mic_uda.METHODS
+declares, and one iteration over its passes), checkpoints and exact resume, the run (Run: the
+loop, evaluation, logging), --benchmark, --exp and the command line; mic_train.load_config is the
+config loader of mic_config, re-exported. What an iteration computes is in mic_uda.py. Imports
+run one way: this file imports mic_uda, mic_eval, mic_report, mic_demo, mic_experiments and the
+modules below them (mic_model, mic_data, mic_config, mic_runtime); none of them imports it.
 """
 import argparse
 import contextlib

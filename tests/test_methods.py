@@ -164,3 +164,75 @@ def test_exp_list_prints_one_command_per_run(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith('python mic_train.py --cfg configs/') for line in lines)
     assert [line.rsplit('train.seed=', 1)[1][0] for line in lines] == ['0', '1', '2']
+
+
+def test_the_config_modes_are_the_method_table():
+    assert set(mic_config.UDA_MODES) == set(mic_uda.METHODS)
+    assert all(n in mic_uda.PASSES for m in mic_uda.METHODS.values() for n in m.passes)
+
+
+# --------------------------------------------------------------------------
+# A new method is its functions and one table entry: a toy method with its own trained module
+# --------------------------------------------------------------------------
+
+class ToyCritic(torch.nn.Module):
+    """A 1x1 convolution that scores class probabilities (a stand-in for a discriminator)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(num_classes, 1, 1)
+
+    def forward(self, prob):
+        return self.conv(prob)
+
+
+def critic_pass(t, s):
+    """The critic learns to score the teacher's target predictions 1."""
+    with torch.no_grad():
+        prob = torch.softmax(t.modules['teacher'].encode_decode(s.tgt), dim=1)
+    loss = (t.wrapped['critic'](prob) - 1).pow(2).mean()
+    s.logs['critic.loss'] = loss.detach()
+    return loss
+
+
+TOY = mic_uda.Method(
+    passes=('source', 'critic'),
+    teachers={'teacher': mic_uda.Teacher(when=lambda cfg: True, momentum=lambda cfg: 0.5)},
+    modules={'critic': mic_uda.Module(build=lambda cfg: ToyCritic(cfg.model.num_classes),
+                                      optimizer=lambda m, cfg: torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9),
+                                      lr=lambda it, cfg: 0.1 * (1 - it / cfg.train.max_iters))})
+
+
+def test_a_toy_method_with_its_own_module_trains_and_resumes(monkeypatch, tmp_path):
+    monkeypatch.setitem(mic_uda.METHODS, 'toy', TOY)
+    monkeypatch.setitem(mic_uda.PASSES, 'critic', mic_uda.Pass(critic_pass, trains=('critic',)))
+    cfg = tiny_cfg('model.type=encoder_decoder', 'uda.mask_mode=null', 'train.max_iters=10', *NO_DROPOUT)
+    cfg.uda.mode = 'toy'  # (the config schema lists the shipped methods only)
+
+    def trainer():
+        torch.manual_seed(0)
+        return mic_train.Trainer(cfg, torch.device('cpu'))
+    a = trainer()
+    assert [n for n, _ in a.passes] == ['source', 'critic'] and a.last_pass == {'student': 0, 'critic': 1}
+    assert set(a.modules) == {'student', 'teacher', 'critic'} and set(a.optimizers) == {'student', 'critic'}
+    assert a.ema == {'teacher': 0.5} and a.frozen == {}
+    critic0 = {k: v.clone() for k, v in a.modules['critic'].state_dict().items()}
+    for it in range(2):
+        logs = a.step(synthetic_batch(it), it)
+    assert torch.isfinite(logs['critic.loss'])
+    assert a.optimizers['critic'].param_groups[0]['lr'] == pytest.approx(0.1 * (1 - 1 / 10))
+    assert any(not torch.equal(v, critic0[k]) for k, v in a.modules['critic'].state_dict().items())
+    torch.save(a.state_dict(), tmp_path / 'ckpt.pth')
+
+    b = trainer()
+    b.load_state_dict(torch.load(tmp_path / 'ckpt.pth', weights_only=True))
+    for name in a.modules:
+        for k, v in a.modules[name].state_dict().items():
+            assert torch.equal(v, b.modules[name].state_dict()[k]), (name, k)
+    assert b.optimizers['critic'].state_dict()['state'][0]['momentum_buffer'].abs().sum() > 0
+    for t in (a, b):  # the next iteration continues exactly (the momentum buffers were restored)
+        torch.manual_seed(7)
+        t.step(synthetic_batch(2), 2)
+    for name in ('student', 'critic'):
+        for k, v in a.modules[name].state_dict().items():
+            assert torch.equal(v, b.modules[name].state_dict()[k]), (name, k)

@@ -319,10 +319,33 @@ def test_separate_mic_teacher():
         assert torch.equal(a, c), n
 
 
-def test_amp_bf16_and_checkpointing_run():
-    for opts in (['train.amp=bf16'], ['model.activation_checkpointing=true']):
-        logs, _ = _losses_after_one_step(*opts)
-        assert all(torch.isfinite(v) for v in logs.values())
+def _losses_and_gradients(*opts):
+    """The logs and the student's gradients of iteration 0 (no optimizer step), from seed 0."""
+    torch.manual_seed(0)
+    trainer = mic_train.Trainer(tiny_cfg('uda.pseudo_threshold=0', *opts), torch.device('cpu'))
+    for opt in trainer.optimizers.values():
+        opt.step = lambda *a, **k: None
+    logs = trainer.step(synthetic_batch(), 0)
+    return logs, {n: p.grad for n, p in trainer.student.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_is_exact_and_bf16_is_close():
+    logs, grads = _losses_and_gradients()
+    # activation checkpointing recomputes the same forward (dropout's RNG state is replayed): identical
+    ckpt_logs, ckpt_grads = _losses_and_gradients('model.activation_checkpointing=true')
+    assert set(ckpt_logs) == set(logs) and all(torch.equal(ckpt_logs[k], v) for k, v in logs.items())
+    assert set(ckpt_grads) == set(grads) and all(torch.equal(ckpt_grads[k], g) for k, g in grads.items())
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per value), but the losses are means over
+    # thousands of pixels computed in fp32, so the independent roundings average out: measured within
+    # 1e-4 of fp32, required within 1e-3. The gradients pass back through every stage in bf16 and
+    # are noisier (measured: 14% relative difference); their direction must still agree.
+    bf16_logs, bf16_grads = _losses_and_gradients('train.amp=bf16')
+    for k, v in logs.items():
+        if '.loss_' in k:
+            assert float(bf16_logs[k]) == pytest.approx(float(v), rel=1e-3), k
+    flat = torch.cat([g.flatten() for g in grads.values()])
+    flat_bf16 = torch.cat([bf16_grads[k].flatten() for k in grads])
+    assert float(F.cosine_similarity(flat, flat_bf16, dim=0)) > 0.97
 
 
 def test_imagenet_encoder_is_the_pretrained_file_also_on_resume(mit_b0_weights):

@@ -27,9 +27,15 @@ def run(demo_root, work_dir, *extra, resume=False):
     return mic_train.main(argv)
 
 
+HAS_TENSORBOARD = importlib.util.find_spec('tensorboard') is not None
+HAS_MATPLOTLIB = importlib.util.find_spec('matplotlib') is not None  # report.png
+
+
 def test_run_folder_contents(demo_root, tmp_path, capsys):
+    """The run folder's files; TensorBoard's events and report.png where their packages are installed."""
     work = str(tmp_path / 'run')
-    metrics = run(demo_root, work, 'train.tensorboard=true')
+    tb = f'train.tensorboard={str(HAS_TENSORBOARD).lower()}'
+    metrics = run(demo_root, work, tb)
     assert 0 <= metrics['mIoU'] <= 100
     # stdout is no terminal here: one plain progress line per log interval, no carriage returns
     out = capsys.readouterr().out
@@ -41,8 +47,9 @@ def test_run_folder_contents(demo_root, tmp_path, capsys):
     assert len(os.listdir(os.path.join(work, 'preds'))) == 2
     # every file was written through a temporary file that was renamed: nothing else is left
     assert sorted(os.listdir(work)) == ['command.txt', 'config.yaml', 'debug', 'latest.pth', 'log.jsonl',
-                                        'metrics.json', 'preds', 'report.png', 'tensorboard']
-    if importlib.util.find_spec('tensorboard') is not None:  # the event file holds what log.jsonl holds
+                                        'metrics.json', 'preds'] + ['report.png'] * HAS_MATPLOTLIB + \
+        ['tensorboard'] * HAS_TENSORBOARD
+    if HAS_TENSORBOARD:  # the event file holds what log.jsonl holds
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
         events = EventAccumulator(os.path.join(work, 'tensorboard'), size_guidance={'images': 0}).Reload()
         tags = events.Tags()
@@ -63,14 +70,14 @@ def test_run_folder_contents(demo_root, tmp_path, capsys):
     model = mic_model.build_model(ckpt['config']['model'])
     assert mic_model.load_checkpoint(model, os.path.join(work, 'latest.pth'))['format'] == 'mic_train'
     # the same command again: the finished run is reported, not overwritten
-    assert run(demo_root, work, 'train.tensorboard=true')['mIoU'] == metrics['mIoU']
+    assert run(demo_root, work, tb)['mIoU'] == metrics['mIoU']
     # stopped after the last checkpoint but before metrics.json: the same command evaluates it
     os.remove(os.path.join(work, 'metrics.json'))
-    assert run(demo_root, work, 'train.tensorboard=true')['mIoU'] == metrics['mIoU']
+    assert run(demo_root, work, tb)['mIoU'] == metrics['mIoU']
     assert json.load(open(os.path.join(work, 'metrics.json')))['mIoU'] == metrics['mIoU']
     # another config in the same folder is refused
     with pytest.raises(SystemExit):
-        run(demo_root, work, 'train.tensorboard=true', 'train.seed=5')
+        run(demo_root, work, tb, 'train.seed=5')
 
 
 def test_interrupted_run_resumes_exactly(demo_root, tmp_path, monkeypatch, capsys):
