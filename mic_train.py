@@ -81,8 +81,9 @@ class NonFiniteLossError(RuntimeError):
 def param_groups(model, cfg_optim):
     """The student's parameter groups: [{'names', 'params', 'lr_mult', 'weight_decay'}], each parameter in
     exactly one (frozen ones too: they get no gradient, so no step and no state, as before). What the
-    encoder states decides: weight decay 0 for the names holding one of its no_weight_decay_keys (MiT: norms; DINOv2: norms, biases, layer scales, tokens, pos_embed), lr x
-    optim.encoder_lr_mult for the encoder, and for encoders with layer_id / num_layers (DINOv2) x
+    encoder states decides: weight decay 0 for the names holding one of its no_weight_decay_keys (MiT:
+    norms; DINOv2: norms, biases, layer scales, tokens, pos_embed), lr x optim.encoder_lr_mult for the
+    encoder, and for encoders with layer_id / num_layers (DINOv2) x
     optim.layer_decay ** (num_layers - 1 - layer_id): the last block at the encoder's lr, the patch
     embedding and tokens decayed the most (VFM-UDA's rule). The decoder: lr x optim.head_lr_mult.
     Groups are made in the order of named_parameters and empty ones dropped, so that an encoder without
