@@ -9,8 +9,8 @@ the released checkpoint). A YAML file in configs/ lists only what it changes; `-
 One dataclass per section, a comment and the allowed range (num, unit) beside each default. Unknown keys,
 wrong types, non-finite numbers, values out of range and keys that do not fit together raise ConfigError
 naming the key. Resolved configs are plain dicts with attribute access; model.num_classes, uda.fd_classes
-follow data.classes (mic_classes). Keys added after the first release (_added) stay out of stored configs
-at their defaults (so earlier runs' stay byte for byte). Imports stdlib, yaml, mic_classes (numpy): no torch.
+follow data.classes (mic_classes). Keys added after the first release (_added, num(added=True)) stay out of
+stored configs at their defaults. Imports stdlib, yaml, mic_classes (numpy), mic_yaml: no torch.
 """
 import argparse
 import contextlib
@@ -27,22 +27,22 @@ from typing import List, Literal, Optional, Union
 import yaml
 
 from mic_classes import CLASS_PRESETS, ClassesConfig, ClassesError, follow_classes
+from mic_yaml import ConfigError, parse_override, read_yaml  # noqa: F401  (public here too)
 
 _hints = typing.get_type_hints  # a dataclass's field types
 
 
 def num(default, n=None, added=False, **bounds):
     """A field of numbers allowed only within `bounds` (ge, gt, le, lt: >=, >, <=, < a number); with n, a
-    list of n of them. Its metadata 'range' = (holds(v), the range as text, n) is read by _check_ranges."""
+    list of n of them. Its metadata 'range' = (holds(v), the range as text, n) is read by _check_ranges;
+    added: a key added after the first release (see _added)."""
     signs = {'ge': '>=', 'gt': '>', 'le': '<=', 'lt': '<'}
     text = ' '.join(f'{signs[op]} {b:g}' for op, b in bounds.items())  # one bound: '>= 1'
     if len(bounds) == 2:  # an interval: 'in [0, 1)' (ge/gt sort before le/lt)
         (lo_op, lo), (hi_op, hi) = sorted(bounds.items())
         text = f'in {"[" if lo_op == "ge" else "("}{lo:g}, {hi:g}{"]" if hi_op == "le" else ")"}'
     holds = lambda v: all(getattr(operator, op)(v, b) for op, b in bounds.items())  # noqa: E731
-    meta = {'range': (holds, text, n)} if bounds else {}
-    if added:
-        meta['added'] = True
+    meta = {**({'range': (holds, text, n)} if bounds else {}), **({'added': True} if added else {})}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -61,8 +61,7 @@ def _added(default=None, n=None, **bounds):  # a key added after the first relea
 
 
 # --- model: mic_model.build_model(cfg.model) ------------------------------------------------------
-# mic_model's names of BACKBONES and HEADS, output stride (backbone.feature_strides[head.logits_stage]) and
-# MiT's smallest input, repeated (mic_model imports this file); tests/test_config.py holds them to mic_model.
+# mic_model's BACKBONES, HEADS, output strides and MiT's smallest input, repeated (mic_model imports this file)
 BACKBONE_TYPES = ('mit_b0', 'mit_b1', 'mit_b2', 'mit_b3', 'mit_b4', 'mit_b5', 'resnet50_v1c', 'resnet101_v1c',
                   *(f'dinov2_vit{v}14{r}' for r in ('', '_reg') for v in 'sblg'))
 HEAD_TYPES = ('daformer', 'segformer', 'deeplabv2', 'vfm_uda')
@@ -91,8 +90,7 @@ class DecodeHeadConfig:
 class HRDAConfig:
     scales: List[float] = num([0.5, 1.0], gt=0)  # [context scale, detail scale]; sorted ascending, detail must be 1
     hr_crop_size: List[int] = num([512, 512], ge=1, n=2)  # detail crop (h, w) in training; window in inference
-    # detail crop corner divisible by this (DAFormer: output stride 4 x context downscale 2). The original keeps 8
-    # for DeepLabV2 (output stride 8) too: the box then maps onto the context logits with truncation, as there
+    # detail crop corner divisible by this (output stride 4 x context downscale 2; the original: 8 for DeepLabV2 too)
     crop_coord_divisible: int = num(8, ge=1)
     hr_loss_weight: float = unit(0.1)  # weight of the detail-only loss; the fused loss gets 1 - hr - lr
     lr_loss_weight: float = unit(0.0)  # weight of a context-only loss (the paper: 0 when the detail crop < input)
@@ -169,9 +167,8 @@ class DemoConfig:
 
 @dataclass
 class DataConfig:
-    # the classes: a preset name (cityscapes: the 19 classes of the benchmarks), a list of names, or
-    # {names, palette, ignore_index, things} (mic_classes.ClassesConfig). model.num_classes and
-    # uda.fd_classes follow from it. Read it with mic_data.class_table(cfg.data)
+    # the classes: a preset name (cityscapes: the 19 classes), a list of names, or {names, palette, ignore_index,
+    # things} (mic_classes.ClassesConfig); model.num_classes, uda.fd_classes follow (mic_data.class_table)
     classes: Union[Literal[tuple(CLASS_PRESETS)], List[str], ClassesConfig] = _added('cityscapes')
     source: DatasetConfig = _section(DatasetConfig)  # labelled source domain
     target: DatasetConfig = _section(  # unlabelled target domain (its labels are never read in training)
@@ -216,8 +213,7 @@ class UDAConfig:
     pseudo_weight_ignore_top: int = num(0, ge=0)  # DAFormer's legacy margins: zero the pseudo weight of top rows
     pseudo_weight_ignore_bottom: int = num(0, ge=0)  # ... and bottom rows
     fd_lambda: float = num(0.005, ge=0)  # ImageNet feature distance weight (0 = off)
-    # train ids of the classes the distance applies to; null: the things of data.classes (Cityscapes:
-    # 6, 7, 11, ..., 18). A list here takes precedence over data.classes.things
+    # train ids the distance applies to; null: the things of data.classes (Cityscapes: 6, 7, 11, ..., 18)
     fd_classes: Optional[List[int]] = num(None, ge=0, le=254)
     fd_min_ratio: float = unit(0.75)  # label downscaling: keep a block's majority class only above this share
     color_jitter_strength: float = unit(0.2)  # brightness, contrast, saturation and hue range
@@ -229,7 +225,9 @@ class UDAConfig:
     mask_pseudo_threshold: Union[Literal['same'], float, None] = unit('same')  # MIC pseudo threshold; null = weight 1
     mask_lambda: float = num(1.0, ge=0)  # MIC loss weight
     mask_block_size: int = num(64, ge=1)  # patch size of the random mask
-    mask_ratio: float = unit(0.7)  # share of masked patches
+    mask_ratio: float = unit(0.7)  # share of masked patches (blocks or tokens)
+    # pixel: MIC's blocks zeroed in the image; token: ViT patch tokens -> mask_token w.p. mask_ratio (DINOv2)
+    mask_type: Literal['pixel', 'token'] = _added('pixel')
     advseg: AdvSegConfig = _section(AdvSegConfig)  # used when mode == 'advseg'
     minent: MinEntConfig = _section(MinEntConfig)  # used when mode == 'minent'
 
@@ -240,9 +238,11 @@ class OptimConfig:
     type: Literal['adamw', 'sgd'] = 'adamw'  # the segmentor's optimizer (Table 1's AdvSeg/MinEnt runs: sgd)
     lr: float = num(6e-5, gt=0)  # learning rate of the encoder
     head_lr_mult: float = num(10.0, ge=0)  # decoder learning rate = lr * this
+    encoder_lr_mult: float = num(1.0, ge=0, added=True)  # encoder lr = lr * this (VFM-UDA: lr of the head, 0.1)
+    layer_decay: float = num(1.0, gt=0, le=1, added=True)  # ViT: x this ** (blocks above), 1 = off (mic_train)
     betas: List[float] = num([0.9, 0.999], ge=0, lt=1, n=2)  # adamw only
     momentum: float = unit(0.9)  # sgd only
-    weight_decay: float = num(0.01, ge=0)  # 0 for the encoder's norm layers
+    weight_decay: float = num(0.01, ge=0)  # 0 for the encoder's no_weight_decay_keys (norms; DINOv2: + biases, tokens)
     warmup_iters: int = num(1500, ge=0)  # linear warm-up ...
     warmup_ratio: float = unit(1e-6)  # ... starting at lr * this
     power: float = num(1.0, ge=0)  # then polynomial decay to min_lr at train.max_iters
@@ -278,10 +278,6 @@ class Config:
 
 
 # --- config trees: plain dicts with attribute access ----------------------------------------------
-class ConfigError(ValueError):
-    """A config value, override or file that cannot be used; the message names the key or the file."""
-
-
 def _bad(key, text):
     return ConfigError(f'config key {key!r}: {text}')
 
@@ -413,6 +409,9 @@ def _check_relations(cfg):
     if uda['fd_lambda'] > 0 and not cfg['model']['pretrained']:
         raise ConfigError('uda.fd_lambda > 0 compares features with the ImageNet encoder, which needs '
                           'model.pretrained; set uda.fd_lambda=0 to train without the feature distance')
+    if uda['mask_type'] == 'token' and not cfg['model']['backbone']['type'].startswith('dinov2_'):
+        raise _bad('uda.mask_type', f'token masking replaces patch tokens by a ViT\'s mask token; '
+                   f'{cfg["model"]["backbone"]["type"]} has none: use pixel (MIC\'s blocks) or a dinov2_* encoder')
     if uda['mode'] in ('advseg', 'minent') and cfg['model']['type'] == 'hrda':
         raise ConfigError(f'uda.mode={uda["mode"]} is implemented for single-scale models (as Table 1 runs it): '
                           'set model.type=encoder_decoder')
@@ -579,56 +578,6 @@ def stored(cfg):
 
 def dump_yaml(cfg):
     return yaml.safe_dump(stored(cfg), sort_keys=False, default_flow_style=None)
-
-
-# --- reading YAML: config files, overrides, the experiment table ----------------------------------
-class _Loader(yaml.SafeLoader):
-    """Refuses a key given twice in one mapping (PyYAML keeps the last: of two `train:` sections, one)."""
-
-    def construct_mapping(self, node, deep=False):
-        nodes = {}  # key -> the node where it first appears
-        for key_node, _ in node.value:
-            if key_node.tag == 'tag:yaml.org,2002:merge':  # '<<: *base' may be repeated and overridden
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, typing.Hashable) and nodes.setdefault(key, key_node) is not key_node:
-                lines = f'lines {nodes[key].start_mark.line + 1} and {key_node.start_mark.line + 1}'
-                raise yaml.constructor.ConstructorError(  # only a problem: its text is one line
-                    problem=f'key {key!r} is given twice ({lines}): the second would silently replace the first')
-        return super().construct_mapping(node, deep)
-
-
-def parse_override(text):
-    """'a.b.c=value' -> ('a.b.c', value) with the value read as YAML (null, 3, 1e-4, [1, 2], text)."""
-    if '=' not in text:
-        raise ConfigError(f'override {text!r} must look like key.sub=value')
-    key, raw = text.split('=', 1)
-    try:
-        return key.strip(), yaml.load(raw, Loader=_Loader) if raw.strip() else ''
-    except yaml.YAMLError as e:
-        raise ConfigError(f'override {text!r}: the value is not valid YAML ({e})') from None
-
-
-def read_yaml(path, what, missing_hint=''):
-    """The YAML document at `path` ({} when empty), or ConfigError '<what> ...' saying what is wrong."""
-    try:
-        with open(path, 'rb') as f:
-            data = f.read()
-        text = data.decode('utf-8')
-        if '\0' in text:  # UTF-16 text or a binary file: a NUL byte is valid UTF-8, but never in YAML
-            raise UnicodeDecodeError('utf-8', data, data.index(b'\0'), data.index(b'\0') + 1, 'NUL byte')
-        return yaml.load(text, Loader=_Loader) or {}
-    except FileNotFoundError:
-        raise ConfigError(f'{what} does not exist{missing_hint}') from None
-    except IsADirectoryError:
-        raise ConfigError(f'{what} is a folder, not a YAML file') from None
-    except OSError as e:
-        raise ConfigError(f'{what} cannot be read: {e.strerror or e}') from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f'{what} is not UTF-8 text (byte {e.start}: a binary file, or another encoding such as '
-                          f'UTF-16); save it as UTF-8') from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f'{what} is not valid YAML: {e}') from None
 
 
 def main(argv=None):

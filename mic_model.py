@@ -485,7 +485,17 @@ class SimplePyramid(nn.Module):
 
     def forward(self, maps):
         a, b, c, d = maps
-        return [self.up4_2(F.gelu(self.up4_norm(self.up4_1(a)))), self.up2(b), c, self.pool(d)]
+        # a frozen pyramid (freeze_pyramid: the head reads the token grid) gives its upsampled maps
+        # without a graph: they only size the outputs, and would hold their activations until backward
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.up2.weight.requires_grad):
+            up4, up2 = self.up4_2(F.gelu(self.up4_norm(self.up4_1(a)))), self.up2(b)
+        return [up4, up2, c, self.pool(d)]
+
+
+class EncoderMaps(list):
+    """The 4 maps of an encoder (a list) plus `tokens`: a ViT's last-block token grid [B,C,h,w] as it
+    is, before the pyramid resizes it (what VFM-UDA's head upsamples); None for other encoders."""
+    tokens = None
 
 
 class DINOv2(nn.Module):
@@ -494,7 +504,11 @@ class DINOv2(nn.Module):
     forward_tokens(img [B,3,H,W], masks [B,h*w] bool or None) -> [B, 1+R+h*w, C]: final-normed tokens
         (class, R registers, patches in row-major order), h, w = H/14, W/14: the official model's
         forward_features (x_norm_*). The sides must be multiples of 14, as there.
-    forward(img [B,3,H,W]) -> 4 maps [B,C_i,ceil(H/s),ceil(W/s)], s = 4, 8, 16, 32, C_i = C/4, C/2, C, C.
+    forward(img [B,3,H,W]) -> 4 maps [B,C_i,ceil(H/s),ceil(W/s)], s = 4, 8, 16, 32, C_i = C/4, C/2, C, C
+        (an EncoderMaps list whose .tokens is the last block's unresized map [B,C,h,w]).
+    Token masking (MIC on tokens, VFM-UDA's): while token_mask_ratio > 0 (set by the token_masking context
+        manager) a training forward replaces each patch embedding by mask_token with that probability,
+        drawn from the torch RNG per forward (an HRDA context and detail view each get their own draw).
 
     Sides that are not multiples of 14 are resized, as VFM-UDA does (tue-mps/vfm-uda, bilinear, not padded):
     forward scales the input by input_scale (VFM-UDA's 1.1) and floors each side to a multiple of 14
@@ -541,8 +555,9 @@ class DINOv2(nn.Module):
         self.pyramid = SimplePyramid(embed_dim)
         self.out_channels = self.pyramid.out_channels
         self.out_indices = tuple(depth * (i + 1) // 4 - 1 for i in range(4))  # 2, 5, 8, 11 for depth 12
-        self.num_layers = depth + 2  # layer_id: 0 = embeddings, 1..depth = blocks, depth + 1 = norm, pyramid
+        self.num_layers = depth + 1  # layer_id: 0 = embeddings, 1..depth = blocks (the last with norm, pyramid)
         self.activation_checkpointing = False
+        self.token_mask_ratio = 0.0  # set by token_masking() around the student's masked pass only
         self.default_pretrained = None  # set by build_dinov2 for the released variants
         self._init_weights()
 
@@ -563,15 +578,17 @@ class DINOv2(nn.Module):
                                                  'only') + f', and put the file at {path}'
 
     def layer_id(self, name):
-        """Depth of a parameter for layer-wise lr decay: 0 for the patch embedding and the tokens,
-        i + 1 for block i, num_layers - 1 for the final norm and the pyramid ('backbone.' is optional)."""
+        """Depth of a parameter for layer-wise lr decay (lr x decay ** (num_layers - 1 - layer_id)): 0 for
+        the patch embedding and the tokens, i + 1 for block i; the final norm and the pyramid share the last
+        block's, num_layers - 1 ('backbone.' is optional). So the last block trains at the encoder's lr
+        and the stems at decay ** depth, as VFM-UDA's groups (there the final norm sits with the stems)."""
         name = name.removeprefix('backbone.')
         if name.startswith(('cls_token', 'pos_embed', 'mask_token', 'register_tokens', 'patch_embed.')):
             return 0
         if name.startswith('blocks.'):
             return int(name.split('.')[1]) + 1
         if name.startswith(('norm.', 'pyramid.')):
-            return self.depth + 1
+            return self.depth
         raise KeyError(f'{name!r} is not a parameter of the DINOv2 encoder')
 
     # -- tokens --------------------------------------------------------------
@@ -631,16 +648,47 @@ class DINOv2(nn.Module):
         size = tuple(max(int((s * self.input_scale) // p * p), p) for s in img.shape[2:])
         return img if size == tuple(img.shape[2:]) else resize(img, size)
 
+    def random_token_masks(self, batch, num_tokens, device):
+        """[B, h*w] bool, True with probability token_mask_ratio (VFM-UDA's Bernoulli per token)."""
+        return torch.rand((batch, num_tokens), device=device) < self.token_mask_ratio
+
     def forward(self, img):
         H, W = img.shape[2:]
         x = self.prepare_input(img)
         h, w = (s // self.patch_size for s in x.shape[2:])
-        _, kept = self.run_blocks(self.prepare_tokens(x), keep=self.out_indices)
+        masks = None
+        if self.token_mask_ratio > 0 and self.training:
+            masks = self.random_token_masks(x.shape[0], h * w, x.device)
+        _, kept = self.run_blocks(self.prepare_tokens(x, masks), keep=self.out_indices)
         skip = 1 + self.num_register_tokens
         maps = [tokens_to_map(self.norm(t)[:, skip:], h, w) for t in kept]
+        tokens = maps[3]
         maps = self.pyramid([maps[0], maps[1], maps[3], maps[2]])  # the last block at stride 16, see above
         sizes = [(-(-H // s), -(-W // s)) for s in self.feature_strides]  # ceil(H/s), ceil(W/s)
-        return [m if tuple(m.shape[2:]) == size else resize(m, size) for m, size in zip(maps, sizes)]
+        out = EncoderMaps(m if tuple(m.shape[2:]) == size else resize(m, size) for m, size in zip(maps, sizes))
+        out.tokens = tokens
+        return out
+
+    def freeze_pyramid(self):
+        """For a head that reads only the token grid: the pyramid's convs feed nothing trained, so
+        they get no gradient (DDP refuses parameters that take part in no loss) and build no graph."""
+        self.pyramid.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def token_masking(model, ratio):
+    """Token masking in the ViT encoders of `model` (a segmentor, unwrapped) for the duration:
+    MIC's masked pass with uda.mask_type=token. Teachers are other modules and stay unmasked."""
+    encoders = [m for m in model.modules() if hasattr(m, 'token_mask_ratio')]
+    if not encoders:
+        raise ValueError('token masking needs a ViT encoder with a mask token (DINOv2)')
+    for m in encoders:
+        m.token_mask_ratio = ratio
+    try:
+        yield
+    finally:
+        for m in encoders:
+            m.token_mask_ratio = 0.0
 
 
 def dinov2_spec(backbone_type):
@@ -833,18 +881,20 @@ class DeepLabV2Head(nn.Module):
 
 
 class VFMUDAHead(nn.Module):
-    """VFM-UDA's light head (tue-mps/vfm-uda, VITLightweightHead) on the stride-16 map (the last block's
-    tokens): [B,C,h,w] -> 2x transposed conv to C/2, LayerNorm2d, GELU, 2x transposed conv to C/4,
+    """VFM-UDA's light head (tue-mps/vfm-uda, VITLightweightHead) on the last block's token grid:
+    [B,C,h,w] -> 2x transposed conv to C/2, LayerNorm2d, GELU, 2x transposed conv to C/4,
     LayerNorm2d, 3x3 conv, LayerNorm2d, 1x1 classifier -> [B,K,4h,4w] (convs without bias, the
-    classifier's weights normal(0, 0.1), as there). The logits are resized to the first map's size
-    when they differ, so that they sit at stride 4 like the DAFormer head's (HRDA assumes it).
+    classifier's weights normal(0, 0.1), as there), then resized bilinearly to the first map's size,
+    so that the logits sit at stride 4 like the DAFormer head's (HRDA and the loss assume it).
 
-    With DINOv2 the stride-16 map is the token grid resized to ceil(H/16): VFM-UDA upsamples the
-    token grid itself (80x80 tokens of a 1024 crop -> 320x320), here 80x80 -> 64x64 -> 256x256.
+    It reads the encoder's unresized grid (EncoderMaps.tokens: 80x80 tokens of a 1024 crop ->
+    320x320 logits -> 256x256, as VFM-UDA upsamples then resizes), else the map at stride 16
+    (encoders without a token grid). Its encoder's pyramid is then unused: build_model freezes it.
     """
 
     logits_stage = 0
     in_index = 2  # the map at stride 16
+    reads_tokens = True
 
     def __init__(self, in_channels, num_classes):
         super().__init__()
@@ -857,7 +907,8 @@ class VFMUDAHead(nn.Module):
         nn.init.normal_(self.out.weight, 0, 0.1)
 
     def forward(self, feats):
-        logits = self.out(self.upscale(feats[self.in_index]))
+        x = getattr(feats, 'tokens', None)
+        logits = self.out(self.upscale(feats[self.in_index] if x is None else x))
         size = feats[0].shape[2:]
         return logits if logits.shape[2:] == size else resize(logits, size)
 
@@ -1162,8 +1213,11 @@ class FCDiscriminator(nn.Module):
 #   default_pretrained     the usual model.pretrained path of its ImageNet weights
 #   pretrained_help(path)  where those weights come from (for the missing-file message)
 #   activation_checkpointing (bool attribute, set by build_model)
-# and, for layer-wise lr decay (DINOv2), num_layers and layer_id(parameter name) -> 0 .. num_layers - 1.
-# A head provides forward(list of maps) -> logits and logits_stage (the map whose resolution they have).
+# and, for layer-wise lr decay (DINOv2), num_layers and layer_id(parameter name) -> 0 .. num_layers - 1
+# (mic_train.param_groups: lr x optim.layer_decay ** (num_layers - 1 - layer_id)); for token masking
+# (uda.mask_type=token), token_mask_ratio (see token_masking); freeze_pyramid() for heads that skip it.
+# A head provides forward(list of maps) -> logits and logits_stage (the map whose resolution they have);
+# a factory with reads_tokens = True builds one that reads the ViT token grid (EncoderMaps.tokens).
 
 def build_mit(cfg_backbone):
     return MiT(cfg_backbone['type'], cfg_backbone['drop_path_rate'])
@@ -1201,8 +1255,11 @@ def build_deeplabv2_head(in_channels, num_classes, head_cfg, attention=False):
 
 
 def build_vfm_uda_head(in_channels, num_classes, head_cfg, attention=False):
-    """VFM-UDA's light head on the stride-16 map; HRDA's scale attention is an identical head."""
+    """VFM-UDA's light head on the token grid; HRDA's scale attention is an identical head."""
     return VFMUDAHead(in_channels, num_classes)
+
+
+build_vfm_uda_head.reads_tokens = VFMUDAHead.reads_tokens
 
 
 HEADS = {  # model.decode_head.type -> factory(in_channels per map, num_classes, head config, attention)
@@ -1225,6 +1282,8 @@ def build_model(cfg_model, load_pretrained=False):
     channels, K = backbone.out_channels, cfg['num_classes']
     head_cfg = cfg['decode_head']
     make_head = HEADS[head_cfg['type']]
+    if getattr(make_head, 'reads_tokens', False) and hasattr(backbone, 'freeze_pyramid'):
+        backbone.freeze_pyramid()  # the head reads the token grid, not the pyramid's maps
     if cfg['type'] == 'encoder_decoder':
         model = EncoderDecoder(backbone, make_head(channels, K, head_cfg), cfg['test'])
     else:

@@ -94,23 +94,41 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def build_optimizer(model, cfg):
-    """The segmentor's optimizer (optim.type): encoder lr and weight decay (0 for the parameters the
-    encoder names in no_weight_decay_keys, e.g. MiT's norm layers), decoder lr x optim.head_lr_mult."""
-    o = cfg.optim
-    no_decay_keys = getattr(model.backbone, 'no_weight_decay_keys', ('norm',))
-    enc_decay, enc_no_decay, head = [], [], []
+def param_groups(model, cfg_optim):
+    """The student's parameter groups: [{'names', 'params', 'lr_mult', 'weight_decay'}], each parameter in
+    exactly one (frozen ones too: they get no gradient, so no step and no state, as before). What the
+    encoder states decides: weight decay 0 for the names holding one of its no_weight_decay_keys (MiT:
+    norms; DINOv2: norms, biases, layer scales, tokens, pos_embed), lr x optim.encoder_lr_mult for the
+    encoder, and for encoders with layer_id / num_layers (DINOv2) x
+    optim.layer_decay ** (num_layers - 1 - layer_id): the last block at the encoder's lr, the patch
+    embedding and tokens decayed the most (VFM-UDA's rule). The decoder: lr x optim.head_lr_mult.
+    Groups are made in the order of named_parameters and empty ones dropped, so that an encoder without
+    layer ids and multipliers of 1 gives the three groups of before: decay, no decay, head."""
+    o, enc = cfg_optim, model.backbone
+    layered = o.layer_decay != 1.0 and hasattr(enc, 'layer_id')
+    no_decay_keys = getattr(enc, 'no_weight_decay_keys', ('norm',))
+    groups = {}  # (part, layer, decays) -> group
     for name, p in model.named_parameters():
         if name.startswith('decode_head.'):
-            head.append(p)
-        elif any(k in name for k in no_decay_keys):
-            enc_no_decay.append(p)
+            key, lr_mult, wd = ('head', 0, True), o.head_lr_mult, o.weight_decay
         else:
-            enc_decay.append(p)
-    groups = [dict(params=enc_decay, lr_mult=1.0, weight_decay=o.weight_decay),
-              dict(params=enc_no_decay, lr_mult=1.0, weight_decay=0.0),
-              dict(params=head, lr_mult=o.head_lr_mult, weight_decay=o.weight_decay)]
-    groups = [g for g in groups if g['params']]
+            layer = enc.layer_id(name) if layered else 0
+            decays = not any(k in name for k in no_decay_keys)
+            key = ('encoder', layer, decays)
+            lr_mult = o.encoder_lr_mult * (o.layer_decay ** (enc.num_layers - 1 - layer) if layered else 1.0)
+            wd = o.weight_decay if decays else 0.0
+        g = groups.setdefault(key, dict(names=[], params=[], lr_mult=lr_mult, weight_decay=wd))
+        g['names'].append(name)
+        g['params'].append(p)
+    order = sorted(groups, key=lambda k: (k[0] == 'head', k[1], not k[2]))  # encoder by layer, decay first
+    return [groups[k] for k in order]
+
+
+def build_optimizer(model, cfg):
+    """The segmentor's optimizer (optim.type) over param_groups(model, cfg.optim); each group's lr is the
+    schedule's (lr_at) times its lr_mult (Trainer.set_lr)."""
+    o = cfg.optim
+    groups = [{k: v for k, v in g.items() if k != 'names'} for g in param_groups(model, o)]
     if o.type == 'sgd':
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))

@@ -4,7 +4,7 @@ modules and optimizers and runs the passes this module declares.
 
     ema_update, pseudo_label_and_weight       mean teacher and its pseudo-labels
     class_mix_masks, mix, strong_augment      DACS's ClassMix and colour jitter / blur (kornia 0.5's maths)
-    block_mask                                MIC's random patch mask
+    block_mask                                MIC's random patch mask (token masking: mic_model.token_masking)
     downscale_label_ratio, feature_distance   DAFormer's ImageNet feature distance
     Pass, StepState, *_pass                   the iteration as a list of passes
     Method, Teacher, Module, METHODS          uda.mode -> its passes, teachers and extra trained modules
@@ -12,6 +12,7 @@ modules and optimizers and runs the passes this module declares.
 Imports: torch, mic_model (resize, the discriminator), mic_data (label constants, image statistics)
 and mic_report (the pseudo-label class shares of the logs); never mic_train, which imports this.
 """
+import contextlib
 import copy
 import math
 import types
@@ -288,14 +289,21 @@ def mix_pass(t, s):
 
 
 def masked_pass(t, s):
-    """MIC: predict pseudo-labels (or source labels) from patch-masked images (uda.mask_mode)."""
+    """MIC: predict pseudo-labels (or source labels) from masked images (uda.mask_mode): image blocks
+    zeroed (uda.mask_type=pixel), or the student's ViT tokens replaced by its mask token (token:
+    VFM-UDA's masking; the image goes in whole, the encoder draws the masks, teachers never mask)."""
     u = t.cfg.uda
     img, lbl, weight = mic_inputs(t, s)
     if 'aug' in u.mask_mode:
         jitter, blur = augmentation_switches(u, blur=True)
         img = strong_augment(img, jitter, blur, u.color_jitter_strength, t.mean, t.std)
-    img = img * block_mask(s.B, s.H, s.W, u.mask_ratio, u.mask_block_size, device=img.device)
-    out = t.forward('student', img, lbl, seg_weight=weight, return_logits=s.debug is not None)
+    masking = contextlib.nullcontext()
+    if u.mask_type == 'token':
+        masking = mic_model.token_masking(t.student, u.mask_ratio)
+    else:
+        img = img * block_mask(s.B, s.H, s.W, u.mask_ratio, u.mask_block_size, device=img.device)
+    with masking:
+        out = t.forward('student', img, lbl, seg_weight=weight, return_logits=s.debug is not None)
     if s.debug is not None:
         s.debug.update(masked=img, masked_pred=out['logits'].detach())
     # MIC's weight scales the fused loss only, as in the original (mask_lambda = 1 by default)

@@ -205,7 +205,8 @@ def test_configs_stored_before_the_added_keys_resolve_as_they_did():
     added = {'data.classes', 'data.source.img_dir', 'data.source.label_dir', 'data.target.img_dir',
              'data.target.label_dir', 'data.val.img_dir', 'data.val.label_dir', 'train.deterministic',
              'train.tensorboard', 'model.test.flip', 'model.test.scales', 'model.in_channels', 'data.channels',
-             'data.mean', 'data.std', 'train.ckpt_minutes'}
+             'data.mean', 'data.std', 'train.ckpt_minutes',
+             'uda.mask_type', 'optim.encoder_lr_mult', 'optim.layer_decay'}
     cfg = load_config(os.path.join(REPO, 'configs', 'gta2cs.yaml'))
 
     def keys(tree, prefix=''):

@@ -183,3 +183,18 @@ def test_demo_study_runs_differ_only_in_the_method_switches():
     assert methods == {('source_only', 'hrda', None), ('dacs', 'encoder_decoder', None), ('dacs', 'hrda', None),
                        ('dacs', 'hrda', 'separatetrgaug')}
     assert experiment(81) == experiment('81')  # ids as typed on the command line
+
+
+def test_vfm_uda_entry_trains_dinov2_with_token_masking():
+    exp = experiment('vfm_uda')
+    assert 'GPU' in exp['title'] and [r['paper'] for r in exp['runs']] == [77.1, 78.4, None]
+    runs = resolved('vfm_uda')
+    assert len(runs) == 9 and all(c.train.work_dir == f'work_dirs/vfm_uda/{n}' for n, c in runs.items())
+    vitl = runs['gta2cs_vfm_uda_dinov2_vitl_s0']
+    assert vitl.model.backbone.type == 'dinov2_vitl14' and vitl.model.decode_head.type == 'vfm_uda'
+    assert (vitl.model.type, vitl.uda.mask_type, vitl.uda.alpha, vitl.uda.pseudo_threshold) == \
+        ('encoder_decoder', 'token', 0.999, 0.968)
+    assert (vitl.optim.encoder_lr_mult, vitl.optim.layer_decay, vitl.optim.warmup_iters, vitl.train.max_iters) == \
+        (0.1, 1.0, 1500, 40000)
+    hrda = runs['gta2cs_hrda_mic_dinov2_vitb_s2']
+    assert hrda.model.type == 'hrda' and hrda.model.decode_head.type == 'daformer'

@@ -207,10 +207,10 @@ def test_segmentor_checkpoint_round_trip(tmp_path):
 
 def test_layer_ids_and_weight_decay_groups():
     m = tiny(registers=4)
-    assert m.num_layers == 6
+    assert m.num_layers == 5  # the final norm and the pyramid share the last block's id (VFM-UDA's lr)
     expect = {'cls_token': 0, 'pos_embed': 0, 'mask_token': 0, 'register_tokens': 0, 'patch_embed.proj.weight': 0,
-              'blocks.0.attn.qkv.weight': 1, 'blocks.3.ls2.gamma': 4, 'norm.weight': 5,
-              'pyramid.up4_1.weight': 5, 'backbone.blocks.2.mlp.fc1.bias': 3}
+              'blocks.0.attn.qkv.weight': 1, 'blocks.3.ls2.gamma': 4, 'norm.weight': 4,
+              'pyramid.up4_1.weight': 4, 'backbone.blocks.2.mlp.fc1.bias': 3}
     assert {k: m.layer_id(k) for k in expect} == expect
     assert all(0 <= m.layer_id(n) < m.num_layers for n, _ in m.named_parameters())
     with pytest.raises(KeyError):
@@ -280,8 +280,8 @@ def test_build_model_hrda_on_dinov2_vits14(head):
 def test_vfm_uda_head_in_a_single_scale_segmentor():
     model = mic_model.EncoderDecoder(tiny(), mic_model.VFMUDAHead((12, 24, 48, 48), 5), {'mode': 'whole'})
     assert model.output_stride == 4
-    feats = model.backbone(torch.randn(2, 3, 112, 80))
-    assert model.decode_head(feats).shape == (2, 5, 28, 20)
+    feats = model.backbone(torch.randn(2, 3, 112, 80))  # x1.1 -> 112x84: 8x6 tokens, upsampled 4x, resized
+    assert feats.tokens.shape[2:] == (8, 6) and model.decode_head(feats).shape == (2, 5, 28, 20)
     assert model.encode_decode(torch.randn(2, 3, 112, 80)).shape == (2, 5, 112, 80)
 
 
