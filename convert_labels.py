@@ -49,8 +49,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from mic_data import (CS_ID_TO_TRAIN_ID, IGNORE_INDEX, SYNTHIA_ID_TO_TRAIN_ID, TRAIN_ID_SUFFIX, id_lut, save_png,
-                      scan_files)
+from mic_data import CS_ID_TO_TRAIN_ID, IGNORE_INDEX, SYNTHIA_ID_TO_TRAIN_ID, id_lut, save_png
+from mic_layouts import TRAIN_ID_SUFFIX, scan_files
 from mic_report import progress_bar
 from mic_runtime import DataError, exit_error, is_temp_file, save_json
 from png16 import read_png, read_png_size

@@ -11,8 +11,9 @@ from PIL import Image
 import mic_data
 from convert_labels import convert_dataset
 from mic_data import (DataError, EvalDataset, InfiniteSampler, UDADataset, build_train_loader, colorize,
-                      crop_box_cat_max_ratio, eval_collate, list_images, list_samples, random_crop_box,
+                      crop_box_cat_max_ratio, eval_collate, list_samples, random_crop_box,
                       rcs_class_probs, read_image, read_label, rescale_size, resize_image, resize_label)
+from mic_layouts import list_images
 
 MEAN = np.array([123.675, 116.28, 103.53])
 STD = np.array([58.395, 57.12, 57.375])
