@@ -606,7 +606,7 @@ def demo_sample(seed, domain, index, height=256, width=512, gap=DEMO_GAP):
     return _render(rng, cv, style), cv.label
 
 
-def _gta_palette():
+def gta_palette():
     pal = np.zeros((256, 3), np.uint8)
     for i, c in CS_ID_COLOURS.items():
         pal[i] = c
@@ -618,7 +618,7 @@ def _demo_job(job):
     img, label = demo_sample(seed, domain, index, height, width, gap)
     save_png(img_path, img, compress_level=1)  # noisy images barely compress; level 1 is 30% faster
     if domain == 0:  # GTA: palette PNG whose indices are the label ids
-        save_png(label_path, label, mode='P', palette=_gta_palette())
+        save_png(label_path, label, mode='P', palette=gta_palette())
     else:  # Cityscapes: *_gtFine_labelIds.png, 8-bit grayscale
         save_png(label_path, label, mode='L')
 

@@ -40,7 +40,7 @@ def write_dataset(root, n, seed=0):
         img, label = mic_demo.demo_sample(seed, 0, i, *GTA_SIZE)
         mic_data.save_png(os.path.join(root, 'gta', 'images', f'{i:05d}.png'), img)
         mic_data.save_png(os.path.join(root, 'gta', 'labels', f'{i:05d}.png'), label, mode='P',
-                          palette=mic_data._gta_palette())
+                          palette=mic_demo.gta_palette())
         img, _ = mic_demo.demo_sample(seed, 1, i, *CITYSCAPES_SIZE)
         city = cities[i % 2]
         mic_data.save_png(os.path.join(root, 'cityscapes', 'leftImg8bit', 'train', city,
