@@ -618,8 +618,14 @@ def main(argv=None):
             s = convert_dataset(args.kind, args.root, nproc=args.nproc, progress=not args.quiet, force=args.force)
     except DataError as e:
         exit_error(e)
+    print_summary(args.kind, args.root, s)
+
+
+def print_summary(kind, root, s):
+    """The closing lines of a conversion: what was converted or skipped, and where the statistics are
+    (s: the summary convert_folder / convert_dataset return)."""
     total = sum(s['class_pixels'])
-    if args.kind == 'folder':
+    if kind == 'folder':
         print(f'{s["files"]} label files: {s["converted"]} converted, {s["skipped"]} already up to date; '
               f'{s["ignored_pixels"]} unlabelled pixels (255); {s["num_classes"]} classes (train ids 0..'
               f'{s["num_classes"] - 1}): name them in the config, data.classes')
@@ -627,7 +633,7 @@ def main(argv=None):
         print(f'{s["files"]} label files: {s["converted"]} converted, {s["skipped"]} already up to date; '
               f'{s["unmapped_pixels"]} pixels had ids outside the table and are ignored (255)')
     print(f'statistics over {s["stats_files"]} files ({total} labelled pixels) written to '
-          f'{os.path.join(args.root, "sample_class_stats.json")}, sample_class_stats_dict.json, '
+          f'{os.path.join(root, "sample_class_stats.json")}, sample_class_stats_dict.json, '
           f'samples_with_class.json')
 
 
