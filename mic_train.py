@@ -419,12 +419,13 @@ class RunLog:
             self.tb.close()
 
 
-def check_validation_split(cfg):
-    """List data.val before the first iteration: a wrong root or split fails now, naming its path,
-    and not at the first evaluation hours later."""
-    val = cfg.data.val
-    if not mic_data.list_samples(val, need_labels=mic_data.has_labels(val)):
-        raise mic_data.DataError(f'data.val ({val.root}, split {val.split}) holds no images')
+def check_data(cfg):
+    """Everything about the data that can be checked before the first iteration (mic_data.check_data:
+    folders, labels beside images, label sizes from the PNG headers, that data.val lists and opens), so a
+    wrong path fails now, naming it, and not at the first evaluation hours later. Its warnings (crops
+    larger than the images, an img_scale that enlarges them) are printed once."""
+    for warning in mic_data.check_data(cfg)['warnings']:
+        print0(f'warning: {warning}')
 
 
 def first_batches(loader, ckpt, rank):
@@ -462,7 +463,7 @@ def train(cfg, resume=None, command=''):
         if finished is not None:
             return finished
         prepare_work_dir(cfg)
-        check_validation_split(cfg)  # a wrong data.val fails now, not at the first evaluation
+        check_data(cfg)  # a wrong data.val, a label of the wrong size: fails now, not hours later
         # the handlers go in before the loader's workers start, so that the workers inherit them
         with mic_runtime.StopSignals() as stop:
             return Run(cfg, ckpt_path, command, rank, world, device).train(stop)
