@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import mic_data  # noqa: E402
 import mic_model  # noqa: E402
-from mic_eval import compute_metrics, confusion_matrix, evaluate, resolve_config  # noqa: E402
+from mic_eval import compute_metrics, confusion_matrix, evaluate  # noqa: E402
+from mic_predict import resolve_config  # noqa: E402
 from mic_uda import block_mask  # noqa: E402
 
 RUNS = ('demo_source_only', 'demo_daformer', 'demo_hrda_dacs', 'demo_hrda_mic')

@@ -26,6 +26,7 @@ import mic_config  # noqa: E402
 import mic_data  # noqa: E402
 import mic_eval  # noqa: E402
 import mic_model  # noqa: E402
+import mic_predict  # noqa: E402
 import mic_train  # noqa: E402
 import test_eval as te  # noqa: E402  (its small checkpoints and configs)
 from mic_data import DataError  # noqa: E402
@@ -281,7 +282,7 @@ def test_failed_images_run_leaves_no_folder(tmp_path, tiny_ckpt):
 def test_flip_tta_is_the_mean_of_the_two_passes(tiny_ckpt):
     model = mic_eval.load_model(str(tiny_ckpt), device='cpu')
     x = torch.randn(1, 3, 48, 64)
-    scores, are_probs = mic_eval.model_scores(model, x, flip=True)
+    scores, are_probs = mic_predict.model_scores(model, x, flip=True)
     plain = model.inference(x).softmax(1)
     mirrored = model.inference(x.flip(3)).softmax(1).flip(3)
     assert are_probs and torch.allclose(scores, (plain + mirrored) / 2, atol=1e-6)
@@ -290,8 +291,8 @@ def test_flip_tta_is_the_mean_of_the_two_passes(tiny_ckpt):
     assert cfg.model.test.flip and cfg.model.test.scales == [0.75, 1.0]
     assert 'flip' not in mic_config.stored(mic_config.load_config())['model']['test']  # (not stored at their defaults)
     model.test_cfg.update(flip=True, scales=[0.75, 1.0])
-    assert mic_eval.test_time_options(model) == (True, [0.75, 1.0])
-    scores, _ = mic_eval.model_scores(model, x, True, [0.75, 1.0])
+    assert mic_predict.test_time_options(model) == (True, [0.75, 1.0])
+    scores, _ = mic_predict.model_scores(model, x, True, [0.75, 1.0])
     small = F.interpolate(x, size=(36, 48), mode='bilinear', align_corners=False)
     passes = [model.inference(small).softmax(1), model.inference(small.flip(3)).softmax(1).flip(3)]
     passes = [F.interpolate(p, size=(48, 64), mode='bilinear', align_corners=False) for p in passes]
@@ -301,11 +302,11 @@ def test_flip_tta_is_the_mean_of_the_two_passes(tiny_ckpt):
 def test_strips_match_whole_map_upsampling(monkeypatch):
     scores = torch.randn(5, 30, 40)
     whole = F.interpolate(scores[None], size=(301, 413), mode='bilinear', align_corners=False)[0]
-    monkeypatch.setattr(mic_eval, 'STRIP_ELEMENTS', 5 * 413 * 7)  # strips of 7 rows
-    ids, conf = mic_eval.scores_to_ids(scores, False, (301, 413), confidence=True)
+    monkeypatch.setattr(mic_predict, 'STRIP_ELEMENTS', 5 * 413 * 7)  # strips of 7 rows
+    ids, conf = mic_predict.scores_to_ids(scores, False, (301, 413), confidence=True)
     assert (ids.long() == whole.argmax(0)).float().mean() > 0.999  # (float rounding may flip near-ties)
     assert (conf.int() - (whole.softmax(0).max(0).values * 255).round().int()).abs().max() <= 1
-    rows = mic_eval.resize_rows(scores, (301, 413), 100, 107)
+    rows = mic_predict.resize_rows(scores, (301, 413), 100, 107)
     torch.testing.assert_close(rows, whole[:, 100:107], atol=1e-5, rtol=1e-5)
 
 

@@ -14,6 +14,7 @@ import torch
 import mic_eval
 import mic_report
 import mic_runtime
+import mic_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -223,7 +224,7 @@ def test_metrics_json_holds_last_and_best_and_summary_picks_one(tmp_path, capsys
     assert 'optimistic' in capsys.readouterr().out
     # a metrics.json of before best checkpoints: not in the statistics of the best evaluations
     mic_runtime.save_json(str(tmp_path / 's1' / 'metrics.json'), {'mIoU': 52.0, 'IoU': {'road': 52.0}})
-    best = mic_report.summarize([str(tmp_path / 's*')], 'best')
+    best = mic_summary.summarize([str(tmp_path / 's*')], 'best')
     assert best['n'] == 1 and 'no best evaluation' in best['unfinished'][0]['reason']
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 import mic_eval
 import mic_report
 import mic_runtime
+import mic_summary
 from mic_data import CLASSES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,7 +251,7 @@ def test_summary_synthia_mIoU16_and_explicit_folders(tmp_path, capsys):
     for i, (m19, m16) in enumerate([(60.0, 70.0), (62.0, 72.0)]):
         runs.append(str(tmp_path / f'syn_s{i}'))
         write_metrics(runs[-1], m19, {'road': 80.0 + i}, miou16=m16)
-    summary = mic_report.summary_main(runs + [str(tmp_path / 'missing_*')])
+    summary = mic_summary.summary_main(runs + [str(tmp_path / 'missing_*')])
     text = capsys.readouterr().out
     assert summary['mean']['mIoU16'] == pytest.approx(71.0)
     assert summary['std']['mIoU16'] == pytest.approx(math.sqrt(2))
@@ -263,7 +264,7 @@ def test_summary_synthia_mIoU16_and_explicit_folders(tmp_path, capsys):
     with pytest.raises(SystemExit):
         mic_eval.parse_args([])
     with pytest.raises(SystemExit):  # nothing matches at all: a clean error
-        mic_report.summary_main([str(tmp_path / 'nope*')])
+        mic_summary.summary_main([str(tmp_path / 'nope*')])
 
 
 def test_summary_cli_subprocess(tmp_path):
