@@ -162,10 +162,26 @@ def check_work_dir(cfg, resume):
     if old_model is not None and architecture(old_model) != architecture(cfg.model):
         raise ConfigError(f'{cfg.train.work_dir} already holds a run of another model ({ckpt}, iteration '
                           f'{old.get("iteration")}, model {architecture(old_model)}): {new_folder}')
-    what = 'the same config, stopped at iteration' if old.get('config') == stored(cfg) else \
-        'a run of another config, at iteration'
+    if old.get('config') == stored(cfg):
+        what = 'the same config, stopped at iteration'
+    else:
+        differ = differing_keys(old.get('config') or {}, stored(cfg))
+        shown = ', '.join(differ[:5]) + (f' and {len(differ) - 5} more' if len(differ) > 5 else '')
+        what = f'a run of another config (differing keys: {shown}), at iteration'
     raise ConfigError(f'{cfg.train.work_dir} already holds {what} {old.get("iteration")} ({ckpt}). '
                       f'Pass --resume to continue it, or {new_folder}.')
+
+
+def differing_keys(a, b, prefix=''):
+    """The dotted keys whose values differ between two config trees (present in one only included)."""
+    out = []
+    for key in list(a) + [k for k in b if k not in a]:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differing_keys(va, vb, f'{prefix}{key}.')
+        elif va != vb or (key in a) != (key in b):
+            out.append(prefix + str(key))
+    return out
 
 
 def resume_path(work_dir, resume):

@@ -407,6 +407,8 @@ class RunLog:
         self.write({'iteration': iteration, 'eval': {k: v for k, v in metrics.items() if k != 'IoU'},
                     'IoU': metrics.get('IoU'), 'best_mIoU': best})
         self.message(f'iteration {iteration}: target mIoU {metrics["mIoU"]:.2f} (best {best:.2f})')
+        if metrics.get('IoU'):
+            self.message(mic_eval.format_table(metrics))  # per class, in the text log too
         self.report()
 
     def message(self, text):
@@ -649,15 +651,20 @@ class IntervalMeter:
     def reset(self):
         self.sums, self.n, self.t0, self.data_time = {}, 0, time.time(), 0.0
 
+    AT_ITERATION = ('lr',)  # logged as they are at the record's iteration (a warm-up peak shows where it is)
+
     def add(self, logs):
         for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+            v = v.detach().float()
+            self.sums[k] = v if k in self.AT_ITERATION else self.sums.get(k, 0) + v
         self.n += 1
 
     def record(self, iteration):
-        """The log.jsonl record of the interval ending at `iteration` (means), then a new interval."""
+        """The log.jsonl record of the interval ending at `iteration` (means; the learning rate of that
+        iteration), then a new interval."""
         n = self.n
-        record = {'iteration': iteration, **{k: round(float(v) / n, 6) for k, v in self.sums.items()},
+        values = {k: float(v) if k in self.AT_ITERATION else float(v) / n for k, v in self.sums.items()}
+        record = {'iteration': iteration, **{k: round(v, 6) for k, v in values.items()},
                   'time_per_iter': round((time.time() - self.t0) / n, 4), 'data_time': round(self.data_time / n, 4),
                   'memory_mb': round(memory_mb(self.device))}
         self.reset()

@@ -839,4 +839,4 @@ def test_a_folder_of_another_model_is_not_offered_for_resume(tiny_demo, tmp_path
     assert 'already holds a run of another model' in err and '--resume' not in err
     assert 'train.work_dir=work_dirs/NEW' in err
     err, _, _ = train_tiny(tiny_demo, work, 'train.max_iters=4')  # same model, another config
-    assert 'Pass --resume to continue it' in err
+    assert 'Pass --resume to continue it' in err and '(differing keys: train.max_iters)' in err

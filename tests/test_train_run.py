@@ -196,3 +196,20 @@ def test_ddp_gradients_are_synchronised(tmp_path):
     single.step(synthetic_batch(seed=0), 0)
     flat = torch.cat([p.detach().flatten() for p in single.student.parameters()])
     assert not torch.equal(flat, result['params'])
+
+
+def test_logged_lr_is_that_of_the_logged_iteration():
+    """The learning rate in log.jsonl is the one of the record's iteration (a warm-up peak shows where it is),
+    the losses are the interval's means."""
+    meter = mic_train.IntervalMeter(torch.device('cpu'))
+    for lr, loss in ((1.0, 2.0), (3.0, 4.0), (5.0, 9.0)):
+        meter.add({'lr': torch.tensor(lr), 'source.loss_seg': torch.tensor(loss)})
+    record = meter.record(3)
+    assert record['lr'] == 5.0 and record['source.loss_seg'] == 5.0 and record['iteration'] == 3
+
+
+def test_another_config_in_the_run_folder_names_the_differing_keys():
+    from mic_checkpoint import differing_keys
+    a = {'train': {'seed': 0, 'max_iters': 10}, 'optim': {'lr': 1e-3}}
+    b = {'train': {'seed': 1, 'max_iters': 10}, 'optim': {'lr': 1e-3}, 'uda': {'mode': 'dacs'}}
+    assert differing_keys(a, b) == ['train.seed', 'uda']
