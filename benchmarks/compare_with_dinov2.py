@@ -32,7 +32,6 @@ import argparse
 import functools
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, '..'))
 import mic_model  # noqa: E402
+from peak_memory import reset_peak_rss, rss_kib  # noqa: E402
 
 FIXTURES = os.path.join(HERE, '..', 'tests', 'fixtures')
 TINY = dict(embed_dim=48, depth=4, num_heads=3, img_size=98)
@@ -150,16 +150,6 @@ def compare(ref):
 # --------------------------------------------------------------------------
 # Speed and memory
 # --------------------------------------------------------------------------
-
-def rss_kib(field):
-    with open('/proc/self/status') as f:
-        return int(re.search(rf'{field}:\s+(\d+)', f.read()).group(1))
-
-
-def reset_peak_rss():
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
-
 
 def vitb_pair():
     """(ours, transformers' Dinov2Model) ViT-B/14 with the same random weights."""

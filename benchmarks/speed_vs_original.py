@@ -47,22 +47,12 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, '..')]
+from peak_memory import reset_peak_rss, rss_kib  # noqa: E402
 
 
 def loadavg():
     with open('/proc/loadavg') as f:
         return ' '.join(f.read().split()[:3])
-
-
-def rss_kib(field):
-    with open('/proc/self/status') as f:
-        return int(re.search(rf'{field}:\s+(\d+)', f.read()).group(1))
-
-
-def reset_peak_rss():
-    """Make VmHWM (and ru_maxrss) restart from the current resident set size (Linux >= 4.0)."""
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
 
 
 # --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,3 +65,13 @@ def write_cityscapes():
 def pytest_configure(config):
     config.addinivalue_line('markers', 'soak: repeated stop and resume cycles of a tiny training run (part of the '
                                        'default run; -m "not soak" leaves them out)')
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """Small convolutions on a shared machine: one thread is faster than two competing for the cores.
+    A module uses it with `pytestmark = pytest.mark.usefixtures('one_thread')`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

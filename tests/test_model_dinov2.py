@@ -16,12 +16,7 @@ FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 KINDS = ('mlp', 'reg', 'swiglu')  # plain, 4 registers (antialiased interpolation), ViT-g's SwiGLU FFN
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def fixture(kind):

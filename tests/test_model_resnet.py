@@ -12,13 +12,7 @@ import mic_model
 from mic_model import CheckpointError, build_model, load_checkpoint
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Small convolutions on a shared machine: one thread is faster than two competing for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 R101_URL = 'https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth'
