@@ -40,8 +40,7 @@ from mic_classes import (CLASSES, CS_ID_COLOURS, CS_ID_TO_TRAIN_ID, IGNORE_INDEX
                          SYNTHIA_CLASS_NAMES, SYNTHIA_CLASSES, SYNTHIA_ID_TO_TRAIN_ID, TRAIN_ID_TO_CS_ID, ClassTable,
                          class_table, colorize, id_lut)
 from mic_config import ConfigError, resolve_section
-from mic_layouts import (IMAGE_EXTENSIONS, dataset_config, folder_convert_command, has_labels,  # noqa: F401
-                         list_samples, scan_images)  # (IMAGE_EXTENSIONS, scan_images re-exported for mic_eval)
+from mic_layouts import dataset_config, folder_convert_command, has_labels, list_samples
 from mic_runtime import (DataError, OutputError, atomic_write, exit_error, make_dirs,  # noqa: F401
                          usable_cores)  # (DataError, OutputError re-exported)
 

@@ -67,7 +67,7 @@ the summed result. A caller that runs it on rank 0 only passes distributed=False
 
 This file holds the metrics, the evaluation loop (run_inference, evaluate) and the command line;
 the per-image computation, the PNG writers and the config of a checkpoint are in mic_predict.py.
-Imports: torch, mic_runtime, mic_config, mic_data, mic_model, mic_predict, mic_report (progress
+Imports: torch, mic_runtime, mic_config, mic_data, mic_layouts, mic_model, mic_predict, mic_report (progress
 bars) and mic_summary (--summary); mic_train imports this, none of these import it.
 """
 import argparse
@@ -80,6 +80,7 @@ import torch
 import torch.distributed as dist
 
 import mic_data
+import mic_layouts
 import mic_report
 import mic_runtime
 from mic_config import ConfigError
@@ -675,7 +676,7 @@ def _skipped_files_note(paths, folder, show=20):
     names = [os.path.relpath(p, folder) for p in paths]
     listed = ', '.join(names[:show]) + (f', ... ({len(names) - show} more)' if len(names) > show else '')
     return (f'skipping {len(names)} file(s) under {folder} that are not images '
-            f'({", ".join(mic_data.IMAGE_EXTENSIONS)}): {listed}')
+            f'({", ".join(mic_layouts.IMAGE_EXTENSIONS)}): {listed}')
 
 
 def main(argv=None):

@@ -9,7 +9,7 @@ overlays, id masks and confidences (save_outputs, IdValues).
 
 mic_eval re-exports load_model and predict (documented as mic_eval.load_model, mic_eval.predict) and
 runs the loop over a dataset or an --images folder with these pieces. Imports: numpy, torch,
-mic_config, mic_data and mic_model (convert_labels where an --id-map file is read); never mic_eval,
+mic_config, mic_data, mic_layouts and mic_model (convert_labels where an --id-map file is read); never mic_eval,
 which imports this.
 """
 import dataclasses
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import mic_config
 import mic_data
+import mic_layouts
 import mic_model
 from mic_data import DataError
 
@@ -81,7 +82,7 @@ class ImageFolder(torch.utils.data.Dataset):
     extension). bands: mic_data.Bands (None: RGB)."""
 
     def __init__(self, folder, img_scale, bands=None):
-        images, self.skipped = mic_data.scan_images(folder)
+        images, self.skipped = mic_layouts.scan_images(folder)
         self.samples = [(p, None) for p in images]
         self.img_scale = img_scale
         self.bands = mic_data.Bands.of(bands)
